@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Start, stop or inspect the Docker engine that `make images` / `make test-images` use.
+#
+#   dockerd.sh start    install Debian's docker.io if dockerd is missing, then start
+#                       dockerd unless an engine already answers on DOCKER_SOCKET
+#   dockerd.sh stop     stop the engine only if this script started it (pid file)
+#   dockerd.sh status   exit 0 when an engine answers
+#
+# The engine keeps its data under DOCKER_DATA_ROOT (default /var/lib/docker-test,
+# outside any clone, so a CI run in a fresh clone still finds the base image and
+# the build cache). Every container gets nofile=20000:20000 (RabbitMQ/gunicorn
+# friendly, and not the engine's huge default).
+set -euo pipefail
+
+DOCKER="${DOCKER:-docker}"
+DATA_ROOT="${DOCKER_DATA_ROOT:-/var/lib/docker-test}"
+EXEC_ROOT="${DOCKER_EXEC_ROOT:-/run/docker-test}"
+SOCKET="${DOCKER_SOCKET:-/var/run/docker.sock}"
+PIDFILE="${DOCKERD_PIDFILE:-/run/docker-test.pid}"
+LOGFILE="${DOCKERD_LOG:-/var/log/docker-test.log}"
+
+log() { printf '[dockerd] %s\n' "$*" >&2; }
+
+engine_up() { DOCKER_HOST="unix://$SOCKET" "$DOCKER" version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+
+ensure_installed() {
+  if command -v dockerd >/dev/null && [[ -x /usr/bin/docker || -n "$(command -v docker || true)" ]]; then
+    return
+  fi
+  if [[ $EUID -ne 0 ]]; then log "error: dockerd is not installed and this is not root"; exit 1; fi
+  log "installing Debian's docker.io"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # policy-rc.d may refuse to start the service here; we start dockerd ourselves.
+  apt-get install -y -q docker.io >/dev/null
+}
+
+start() {
+  if engine_up; then
+    log "engine already answering on $SOCKET; reusing it"
+    return
+  fi
+  ensure_installed
+  if [[ $EUID -ne 0 ]]; then log "error: starting dockerd needs root"; exit 1; fi
+  mkdir -p "$DATA_ROOT" "$EXEC_ROOT" "$(dirname "$LOGFILE")"
+  # A stale pid file from a killed engine would stop dockerd from starting.
+  if [[ -f "$PIDFILE" ]] && ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then rm -f "$PIDFILE"; fi
+  log "starting dockerd (data-root $DATA_ROOT, log $LOGFILE)"
+  setsid dockerd \
+    --host "unix://$SOCKET" \
+    --data-root "$DATA_ROOT" \
+    --exec-root "$EXEC_ROOT" \
+    --pidfile "$PIDFILE" \
+    --default-ulimit nofile=20000:20000 \
+    </dev/null >>"$LOGFILE" 2>&1 &
+  for _ in $(seq 1 60); do
+    if engine_up; then log "engine up: $(DOCKER_HOST="unix://$SOCKET" "$DOCKER" version --format 'server {{.Server.Version}}')"; return; fi
+    sleep 1
+  done
+  log "error: dockerd did not come up in 60 s; last log lines:"
+  tail -n 30 "$LOGFILE" >&2
+  exit 1
+}
+
+stop() {
+  if [[ ! -f "$PIDFILE" ]]; then log "no pid file $PIDFILE: not started by this script, leaving it alone"; return; fi
+  pid="$(cat "$PIDFILE")"
+  if ! kill -0 "$pid" 2>/dev/null; then rm -f "$PIDFILE"; log "not running"; return; fi
+  log "stopping dockerd (pid $pid)"
+  kill -TERM "$pid"
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || { log "stopped"; return; }
+    sleep 1
+  done
+  log "error: dockerd (pid $pid) still running after 60 s"; exit 1
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) engine_up ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
