@@ -1,0 +1,144 @@
+"""Job types and the JSON Schemas of their payloads.
+
+main-app validates requests against these schemas; service-app validates each
+message again before running it and implements each type with one decorated
+function (see service_app/jobs.py). A new job type is one entry here plus its
+handler there; service-app refuses to start if the two disagree.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from jsonschema import Draft202012Validator
+
+from jobs_contract.settings import env_int
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on payload values that would otherwise tie up workers."""
+
+    max_sleep_seconds: int = 300
+    max_cpu_ms: int = 60_000
+    max_fail_times: int = 20
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(
+            max_sleep_seconds=env_int("JOB_MAX_SLEEP_SECONDS", cls.max_sleep_seconds, minimum=0),
+            max_cpu_ms=env_int("JOB_MAX_CPU_MS", cls.max_cpu_ms, minimum=0),
+            max_fail_times=env_int("JOB_MAX_FAIL_TIMES", cls.max_fail_times, minimum=0),
+        )
+
+
+def payload_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
+    return {
+        "echo": {"type": "object", "description": "Succeeds with the payload as its result."},
+        "sleep": {
+            "type": "object",
+            "description": "Sleeps for `seconds`.",
+            "properties": {"seconds": {"type": "number", "minimum": 0, "maximum": limits.max_sleep_seconds}},
+            "required": ["seconds"],
+            "additionalProperties": False,
+        },
+        "cpu": {
+            "type": "object",
+            "description": "Burns CPU for about `ms` milliseconds.",
+            "properties": {"ms": {"type": "integer", "minimum": 0, "maximum": limits.max_cpu_ms}},
+            "required": ["ms"],
+            "additionalProperties": False,
+        },
+        "fail": {
+            "type": "object",
+            "description": "Always raises; ends `failed` after the last attempt.",
+            "properties": {"message": {"type": "string", "maxLength": 1000}},
+            "additionalProperties": False,
+        },
+        "flaky": {
+            "type": "object",
+            "description": "Fails its first `fail_times` attempts, then succeeds.",
+            "properties": {"fail_times": {"type": "integer", "minimum": 0, "maximum": limits.max_fail_times}},
+            "required": ["fail_times"],
+            "additionalProperties": False,
+        },
+    }
+
+
+JOB_TYPES: tuple[str, ...] = tuple(payload_schemas(Limits()))
+
+
+def request_schema(limits: Limits) -> dict[str, Any]:
+    """Schema of the body of POST /jobs (also used in the OpenAPI document)."""
+    return {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string", "enum": list(JOB_TYPES)},
+            "payload": {"type": "object", "default": {}},
+        },
+        "required": ["type"],
+        "additionalProperties": False,
+        "oneOf": [
+            {
+                "properties": {"type": {"const": name}, "payload": schema},
+                "title": name,
+            }
+            for name, schema in payload_schemas(limits).items()
+        ],
+    }
+
+
+class ValidationFailed(ValueError):
+    """A job request or payload does not match the contract."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class RequestValidator:
+    """Validates job requests: the envelope first, then the payload of its type."""
+
+    _ENVELOPE = {
+        "type": "object",
+        "properties": {"type": {"type": "string"}, "payload": {"type": "object"}},
+        "required": ["type"],
+        "additionalProperties": False,
+    }
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self._envelope = Draft202012Validator(self._ENVELOPE)
+        self._payloads = {name: Draft202012Validator(s) for name, s in payload_schemas(limits).items()}
+
+    def validate(self, document: Any) -> tuple[str, dict[str, Any]]:
+        """Return (type, payload) or raise ValidationFailed naming the offending field."""
+        _raise_first(self._envelope, document, prefix="")
+        job_type = document["type"]
+        validator = self._payloads.get(job_type)
+        if validator is None:
+            raise ValidationFailed("/type", f"unknown job type {job_type!r}; known types: {', '.join(JOB_TYPES)}")
+        payload = document.get("payload", {})
+        _raise_first(validator, payload, prefix="/payload")
+        return job_type, payload
+
+    def validate_payload(self, job_type: str, payload: Any) -> None:
+        self.validate({"type": job_type, "payload": payload})
+
+
+def _raise_first(validator: Draft202012Validator, instance: Any, prefix: str) -> None:
+    error = next(iter(validator.iter_errors(instance)), None)
+    if error is None:
+        return
+    path = "".join(f"/{part}" for part in error.absolute_path)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else ""
+        path = f"{path}/{missing}"
+    elif error.validator == "additionalProperties":
+        extra = error.message.split("'")[1] if "'" in error.message else ""
+        path = f"{path}/{extra}"
+    raise ValidationFailed(prefix + path or "/", error.message[:300])
+
+
+def validate_request(document: Any, limits: Limits) -> tuple[str, dict[str, Any]]:
+    return RequestValidator(limits).validate(document)

@@ -1,0 +1,199 @@
+"""Publishing jobs to RabbitMQ with publisher confirms, many in flight at once.
+
+One connection per process, owned by one background thread running pika's
+SelectConnection. Request threads hand it messages and wait only for the
+broker's confirm of their own message (matched by delivery tag), so the
+process is not capped at one confirm round trip at a time.
+"""
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import pika
+from pika.adapters.select_connection import SelectConnection
+from pika.spec import Basic
+
+from jobs_contract import topology
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """The message was not confirmed by RabbitMQ: treat it as not published."""
+
+
+class Publisher:
+    def __init__(self, url: str, declare_topology: bool = True, on_reconnect: Callable[[], None] | None = None):
+        self._parameters = pika.URLParameters(url)
+        self._declare_topology = declare_topology
+        self._on_reconnect = on_reconnect
+        self._connection: SelectConnection | None = None
+        self._channel = None
+        self._pending: dict[int, tuple[Future, str | None]] = {}
+        self._returned: set[str] = set()
+        self._delivery_tag = 0
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._connected_once = False
+        self._thread = threading.Thread(target=self._run, name="rabbitmq-publisher", daemon=True)
+
+    def start(self) -> "Publisher":
+        self._thread.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties,
+                timeout: float) -> None:
+        """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise."""
+        connection = self._connection
+        if connection is None or not self._ready.is_set():
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        future: Future = Future()
+        connection.ioloop.add_callback_threadsafe(
+            lambda: self._publish_on_loop(exchange, routing_key, body, properties, future)
+        )
+        try:
+            future.result(timeout)
+        except FutureTimeout:
+            raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.ioloop.add_callback_threadsafe(self._close_on_loop)
+            except Exception:  # loop already gone
+                pass
+        self._thread.join(timeout)
+
+    # Everything below runs on the publisher thread.
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if self._declare_topology:
+                    self._declare()
+                self._connection = SelectConnection(
+                    self._parameters,
+                    on_open_callback=self._on_connection_open,
+                    on_open_error_callback=self._on_connection_open_error,
+                    on_close_callback=self._on_connection_closed,
+                )
+                self._connection.ioloop.start()
+            except Exception as exc:  # broker down, DNS, auth: all retried
+                log.warning("RabbitMQ connection failed: %s", exc)
+            self._ready.clear()
+            self._fail_pending("connection to RabbitMQ lost")
+            if self._connected_once:
+                failures = 0
+                self._connected_once = False
+            failures += 1
+            delay = min(10.0, 0.25 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+            self._stopping.wait(delay)
+
+    def _declare(self) -> None:
+        connection = pika.BlockingConnection(self._parameters)
+        try:
+            topology.declare(connection.channel())
+        finally:
+            connection.close()
+
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, connection: SelectConnection, error: Exception) -> None:
+        log.warning("cannot connect to RabbitMQ: %s", error)
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: SelectConnection, reason: Exception) -> None:
+        self._channel = None
+        self._ready.clear()
+        if not self._stopping.is_set():
+            log.warning("RabbitMQ connection closed: %s", reason)
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm, callback=self._on_confirm_mode)
+
+    def _on_confirm_mode(self, _frame) -> None:
+        self._delivery_tag = 0
+        self._connected_once = True
+        self._ready.set()
+        log.info("connected to RabbitMQ, publishing with confirms")
+        if self._on_reconnect is not None:
+            self._on_reconnect()
+
+    def _on_channel_closed(self, channel, reason: Exception) -> None:
+        self._ready.clear()
+        self._fail_pending(f"RabbitMQ channel closed: {reason}")
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _close_on_loop(self) -> None:
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        elif self._connection is not None:
+            self._connection.ioloop.stop()
+
+    def _publish_on_loop(self, exchange, routing_key, body, properties, future: Future) -> None:
+        if self._channel is None or not self._channel.is_open or not self._ready.is_set():
+            future.set_exception(BrokerUnavailable("not connected to RabbitMQ"))
+            return
+        try:
+            self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except Exception as exc:
+            future.set_exception(BrokerUnavailable(f"publish failed: {exc}"))
+            return
+        self._delivery_tag += 1
+        self._pending[self._delivery_tag] = (future, properties.message_id)
+
+    def _on_return(self, _channel, _method, properties, _body) -> None:
+        # A returned (unroutable) message is still acked afterwards; remember it to fail that ack.
+        if properties.message_id:
+            self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        if method.multiple:
+            tags = []
+            for tag in self._pending:  # insertion order is ascending delivery-tag order
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            entry = self._pending.pop(tag, None)
+            if entry is None:
+                continue
+            future, message_id = entry
+            if not acked:
+                future.set_exception(BrokerUnavailable("RabbitMQ refused the message (nack)"))
+            elif message_id in self._returned:
+                self._returned.discard(message_id)
+                future.set_exception(BrokerUnavailable("RabbitMQ could not route the message to a queue"))
+            else:
+                future.set_result(None)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        self._returned.clear()
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable(reason))

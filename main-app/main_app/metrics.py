@@ -1,0 +1,24 @@
+"""main-app metrics. Under gunicorn they are written by each worker to
+PROMETHEUS_MULTIPROC_DIR and served, aggregated, by the master (gunicorn_conf.py)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+HTTP_REQUESTS = Counter(
+    "jobs_api_http_requests_total", "HTTP requests answered, by route and status", ["route", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "jobs_api_http_request_duration_seconds", "HTTP request latency", ["route", "method"], buckets=LATENCY_BUCKETS
+)
+HTTP_IN_PROGRESS = Gauge(
+    "jobs_api_http_requests_in_progress", "HTTP requests being served", multiprocess_mode="livesum"
+)
+JOBS_ACCEPTED = Counter("jobs_api_jobs_accepted_total", "Jobs accepted (recorded and confirmed by the broker)", ["type"])
+JOBS_REJECTED = Counter("jobs_api_jobs_rejected_total", "Job submissions refused, by reason", ["reason"])
+PUBLISH_LATENCY = Histogram(
+    "jobs_api_publish_duration_seconds", "Publish until broker confirm", buckets=LATENCY_BUCKETS
+)
+STORE_LATENCY = Histogram(
+    "jobs_api_store_duration_seconds", "Job store operation latency", ["operation"], buckets=LATENCY_BUCKETS
+)

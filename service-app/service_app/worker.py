@@ -1,0 +1,325 @@
+"""The consumer: takes jobs from RabbitMQ, runs them on a thread pool, records
+the outcome in Redis, and only then acks, retries or dead-letters the message.
+
+Threads: the main thread owns the pika connection (one per process) and does
+all broker I/O, so heartbeats keep flowing however long a job runs. Jobs run
+on a pool of WORKER_CONCURRENCY threads; their broker actions are handed back
+to the main thread with add_callback_threadsafe.
+"""
+
+import ctypes
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import pika
+import pika.exceptions
+import redis
+
+from jobs_contract import FINAL_STATUSES, JobMessage, JobStore, PoisonMessage, topology
+from jobs_contract.catalog import RequestValidator, ValidationFailed
+from service_app import metrics
+from service_app.config import Settings
+from service_app.jobs import HANDLERS, JobContext
+
+log = logging.getLogger(__name__)
+
+
+class JobTimeout(Exception):
+    pass
+
+
+class Abandoned(Exception):
+    """Shutdown ran out of grace before the outcome could be recorded; the message is requeued."""
+
+
+@dataclass(frozen=True)
+class Settle:
+    """What to do with a message once its outcome is recorded."""
+
+    action: str  # "ack", "retry" or "dead"
+    delay_seconds: float = 0.0
+    reason: str = ""
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: JobStore):
+        self.settings = settings
+        self.store = store
+        self.validator = RequestValidator(settings.limits)
+        self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="job")
+        self.stopping = threading.Event()
+        self.abandon = threading.Event()
+        self.connected = threading.Event()
+        self.store_ok = threading.Event()
+        self.store_ok.set()
+        self._lock = threading.Lock()
+        self._running = 0  # jobs executing now
+        self._unsettled = 0  # messages handed to the pool and not yet settled
+        self._generation = 0
+        self._connection: pika.BlockingConnection | None = None
+        self._channel = None
+        self._retry_channel = None
+        self.beat = lambda: None
+        metrics.CONCURRENCY.set(settings.concurrency)
+        metrics.BUSY_RATIO.set(0)
+
+    def ready(self) -> bool:
+        return self.connected.is_set() and self.store_ok.is_set() and not self.stopping.is_set()
+
+    def stop(self, *_signal) -> None:
+        if not self.stopping.is_set():
+            log.info("stop requested: no new jobs; draining for up to %ss", self.settings.shutdown_grace_seconds)
+        self.stopping.set()
+
+    # main thread
+
+    def run(self) -> None:
+        """Consume until stop(); reconnect with backoff whenever the broker goes away."""
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                self._consume()
+                failures = 0
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.connected.clear()
+                failures += 1
+                delay = min(10.0, 0.25 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                log.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", exc or type(exc).__name__, delay)
+                self._close_quietly()
+                self._wait(delay)
+                metrics.BROKER_RECONNECTS.inc()
+        self._drain()
+
+    def _consume(self) -> None:
+        self._connection = pika.BlockingConnection(pika.URLParameters(self.settings.rabbitmq_url))
+        channel = self._connection.channel()
+        if self.settings.declare_topology:
+            topology.declare(channel)
+        channel.basic_qos(prefetch_count=self.settings.prefetch)
+        self._retry_channel = self._connection.channel()
+        self._retry_channel.confirm_delivery()
+        self._channel = channel
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        channel.basic_consume(topology.QUEUE, on_message_callback=partial(self._on_message, generation))
+        self.connected.set()
+        log.info("consuming from %r (concurrency %d, prefetch %d)", topology.QUEUE, self.settings.concurrency,
+                 self.settings.prefetch)
+        while not self.stopping.is_set():
+            self.beat()
+            self._connection.process_data_events(time_limit=0.5)
+
+    def _drain(self) -> None:
+        """Stop taking messages, let running jobs finish within the grace period, then close.
+        Whatever is not settled by then is requeued by the broker when the connection closes."""
+        deadline = time.monotonic() + self.settings.shutdown_grace_seconds
+        connection = self._connection
+        try:
+            if self._channel is not None and self._channel.is_open:
+                self._channel.stop_consuming()
+            while time.monotonic() < deadline and self._unsettled_count() > 0:
+                self.beat()
+                if connection is not None and connection.is_open:
+                    connection.process_data_events(time_limit=0.1)
+                else:
+                    time.sleep(0.1)
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            log.warning("broker connection lost while draining: %s", exc)
+        left = self._unsettled_count()
+        if left:
+            log.warning("grace period over with %d job(s) unsettled; they go back to the queue", left)
+        self.abandon.set()
+        self._close_quietly()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    def _on_message(self, generation: int, channel, method, properties, body: bytes) -> None:
+        try:
+            job = JobMessage.decode(body, properties)
+            if job.type not in HANDLERS:
+                raise PoisonMessage("unknown_type", f"no handler for job type {job.type!r}")
+            self.validator.validate_payload(job.type, job.payload)
+        except (PoisonMessage, ValidationFailed) as exc:
+            reason = exc.reason if isinstance(exc, PoisonMessage) else "invalid_payload"
+            log.error("poison message %s dead-lettered: %s", properties.message_id, exc)
+            metrics.DEAD_LETTERED.labels(reason).inc()
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            return
+        with self._lock:
+            self._unsettled += 1
+        self.executor.submit(self._process, generation, method.delivery_tag, job)
+
+    def _settle(self, generation: int, delivery_tag: int, job: JobMessage, settle: Settle) -> None:
+        with self._lock:
+            self._unsettled -= 1
+            current = generation == self._generation
+        if not current or self._channel is None or not self._channel.is_open:
+            return  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
+        if settle.action == "ack":
+            self._channel.basic_ack(delivery_tag)
+        elif settle.action == "retry":
+            retry = job.next_attempt()
+            body, properties = retry.encode()
+            properties.expiration = str(max(1, int(settle.delay_seconds * 1000)))
+            tier = topology.delay_tier_ms(settle.delay_seconds)
+            # Blocks until the broker confirms the delayed copy; only then is the original acked.
+            self._retry_channel.basic_publish(topology.DELAY_EXCHANGE, str(tier), body, properties, mandatory=True)
+            self._channel.basic_ack(delivery_tag)
+        else:
+            metrics.DEAD_LETTERED.labels(settle.reason).inc()
+            self._channel.basic_reject(delivery_tag, requeue=False)
+
+    def _unsettled_count(self) -> int:
+        with self._lock:
+            return self._unsettled
+
+    def _close_quietly(self) -> None:
+        self.connected.clear()
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def _wait(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            self.beat()
+            time.sleep(min(0.1, deadline - time.monotonic()) if deadline > time.monotonic() else 0)
+
+    # job threads
+
+    def _process(self, generation: int, delivery_tag: int, job: JobMessage) -> None:
+        settle = None
+        try:
+            if not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
+                settle = self._run(job)
+        except Abandoned:
+            pass
+        except Exception:
+            log.exception("job %s: unexpected worker error; the message will be redelivered", job.id)
+        connection = self._connection
+        if settle is None or connection is None:
+            with self._lock:
+                self._unsettled -= 1
+            return
+        try:
+            connection.add_callback_threadsafe(partial(self._settle, generation, delivery_tag, job, settle))
+        except Exception:  # connection closed meanwhile: redelivered later
+            with self._lock:
+                self._unsettled -= 1
+
+    def _run(self, job: JobMessage) -> Settle:
+        settings = self.settings
+        if job.delivery_count >= settings.max_redeliveries:
+            error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
+                     f"each time); giving up")
+            self._record(self.store.fail, job.id, error)
+            self._observe_final(job, "failed")
+            return Settle("dead", reason="redelivery_limit")
+
+        previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at)
+        if previous in FINAL_STATUSES:
+            metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
+            return Settle("ack")
+
+        ctx = JobContext(job_id=job.id, attempt=job.attempt, max_attempts=settings.max_attempts)
+        started = time.perf_counter()
+        self._running_delta(+1)
+        try:
+            result = run_with_timeout(HANDLERS[job.type], job.payload, ctx, settings.job_timeout_seconds)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            outcome = "retried" if job.attempt < settings.max_attempts else "failed"
+        else:
+            error, outcome = None, "succeeded"
+        finally:
+            self._running_delta(-1)
+            metrics.JOB_DURATION.labels(job.type).observe(time.perf_counter() - started)
+
+        if outcome == "succeeded":
+            self._record(self.store.succeed, job.id, result)
+            self._observe_final(job, outcome)
+            return Settle("ack")
+        if outcome == "retried":
+            delay = backoff_seconds(job.attempt, settings.retry_backoff_base_seconds, settings.retry_backoff_max_seconds)
+            log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error, delay)
+            self._record(self.store.retrying, job.id, error)
+            metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
+            metrics.RETRIES.labels(job.type).inc()
+            return Settle("retry", delay_seconds=delay)
+        log.warning("job %s failed after %d attempts: %s", job.id, job.attempt, error)
+        self._record(self.store.fail, job.id, error)
+        self._observe_final(job, outcome)
+        return Settle("dead", reason="max_attempts")
+
+    def _record(self, operation, *args):
+        """Run a store operation, retrying while Redis is unavailable: no message is settled
+        before its outcome is recorded. Gives up only when shutdown abandons the job."""
+        delay = 0.1
+        while True:
+            try:
+                result = operation(*args)
+                self.store_ok.set()
+                return result
+            except redis.RedisError as exc:
+                self.store_ok.clear()
+                metrics.STORE_ERRORS.inc()
+                log.warning("job store unavailable (%s); retrying in %.1fs", exc, delay)
+            if self.abandon.wait(delay):
+                raise Abandoned()
+            delay = min(delay * 2, 5.0)
+
+    def _running_delta(self, delta: int) -> None:
+        with self._lock:
+            self._running += delta
+            running = self._running
+        metrics.JOBS_IN_PROGRESS.set(running)
+        metrics.BUSY_RATIO.set(running / self.settings.concurrency)
+
+    @staticmethod
+    def _observe_final(job: JobMessage, outcome: str) -> None:
+        metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
+        metrics.JOB_LATENCY.labels(job.type).observe(max(0.0, time.time() - job.enqueued_at))
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random."""
+    delay = min(cap, base * 2 ** (attempt - 1))
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+def run_with_timeout(handler, payload, ctx: JobContext, timeout: float):
+    """Run handler in this thread; past the timeout, raise JobTimeout inside it.
+
+    The exception is delivered between bytecodes (as Dramatiq's time limit does),
+    so a handler blocked in one long C call is interrupted when that call returns.
+    """
+    thread_id = threading.get_ident()
+    guard = threading.Lock()
+    state = {"running": True}
+
+    def interrupt() -> None:
+        with guard:
+            if state["running"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(JobTimeout))
+
+    timer = threading.Timer(timeout, interrupt)
+    timer.daemon = True
+    timer.start()
+    try:
+        try:
+            return handler(payload, ctx)
+        finally:
+            with guard:
+                state["running"] = False
+            timer.cancel()
+    except JobTimeout:
+        raise JobTimeout(f"timed out after {timeout:g}s") from None
