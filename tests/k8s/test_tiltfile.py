@@ -1,0 +1,172 @@
+"""Evaluate the Tiltfile with starlark-pyo3, recording every Tilt builtin call, then
+cross-check what it declares against the repo and the rendered dev overlay."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import starlark as sl
+import yaml
+
+from conftest import ROOT, kubectl
+
+TILT_BUILTINS = [
+    "docker_build", "k8s_yaml", "k8s_resource", "local_resource", "local", "kustomize",
+    "decode_yaml_stream", "update_settings", "default_registry", "allow_k8s_contexts",
+    "sync", "run", "fall_back_on", "port_forward", "link", "watch_file",
+]
+
+
+class Recorder:
+    def __init__(self, subcommand: str, env: dict[str, str]):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.subcommand = subcommand
+        self.env = env
+
+    def builtin(self, name):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return getattr(self, "do_" + name, lambda *a, **k: {"_tilt": name, "args": list(a), **k})(*args, **kwargs)
+        return call
+
+    def do_kustomize(self, path, **_):
+        proc = subprocess.run([kubectl(), "kustomize", str(ROOT / path)], capture_output=True, text=True, check=True)
+        return proc.stdout
+
+    def do_decode_yaml_stream(self, text):
+        return [d for d in yaml.safe_load_all(text) if d]
+
+    def do_local(self, command, **_):
+        return ""
+
+    def getenv(self, name, default=None):
+        return self.env.get(name, default)
+
+    def of(self, name):
+        return [c for c in self.calls if c[0] == name]
+
+
+def evaluate(subcommand="up", env=None) -> Recorder:
+    rec = Recorder(subcommand, env or {})
+    module = sl.Module()
+    for name in TILT_BUILTINS:
+        module.add_callable(name, rec.builtin(name))
+    module.add_callable("_getenv", rec.getenv)
+    dialect = sl.Dialect.extended()
+    dialect.enable_top_level_stmt = True
+    globals_ = sl.Globals.extended_by([sl.LibraryExtension.Print, sl.LibraryExtension.StructType,
+                                       sl.LibraryExtension.Json])
+    prelude = (f"config = struct(tilt_subcommand={subcommand!r})\n"
+               "os = struct(getenv=_getenv)\n"
+               "TRIGGER_MODE_AUTO = 1\nTRIGGER_MODE_MANUAL = 2\n")
+    sl.eval(module, sl.parse("prelude", prelude, dialect), globals_)
+    sl.eval(module, sl.parse("Tiltfile", (ROOT / "Tiltfile").read_text(), dialect), globals_)
+    return rec
+
+
+@pytest.fixture(scope="module")
+def tilt(rendered) -> Recorder:
+    return evaluate()
+
+
+@pytest.fixture(scope="module")
+def dev_docs(rendered):
+    return rendered["dev"]
+
+
+def workloads(docs):
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def test_images_built_are_used_and_vice_versa(tilt, dev_docs):
+    built = {c[1][0] for c in tilt.of("docker_build")}
+    used = {c["image"] for w in workloads(dev_docs).values() for c in w["spec"]["template"]["spec"]["containers"]}
+    ours = {i for i in used if ":" not in i}  # rabbitmq/redis come from public tags
+    assert built == ours == {"main-app", "service-app"}
+
+
+def test_docker_builds_target_dev_and_sync_real_paths(tilt):
+    for _, args, kw in tilt.of("docker_build"):
+        image, context = args
+        dockerfile = ROOT / context / kw["dockerfile"]
+        assert dockerfile.exists()
+        assert re.search(rf"^FROM\s+\S+\s+AS\s+{kw['target']}\b", dockerfile.read_text(), re.M | re.I)
+        dev_stage = dockerfile.read_text().split("AS dev", 1)[1]
+        steps = kw["live_update"]
+        assert steps[0]["_tilt"] == "fall_back_on", "fall_back_on must come first"
+        for f in steps[0]["args"][0]:
+            assert (ROOT / f).exists(), f"fall_back_on path {f} missing"
+        syncs = [s for s in steps if s["_tilt"] == "sync"]
+        assert syncs
+        for s in syncs:
+            src, dest = s["args"]
+            assert (ROOT / src).is_dir(), f"live_update sync source {src} missing"
+            # the dev stage copies exactly this directory to exactly this place
+            assert re.search(rf"^COPY\s+(--\S+\s+)*{re.escape(src)}/?\s+{re.escape(dest)}/?\s*$", dev_stage, re.M), \
+                f"{image}: dev stage does not COPY {src} to {dest}"
+        for path in kw.get("only", []):
+            assert (ROOT / path).exists()
+
+
+def test_k8s_yaml_is_the_dev_overlay(tilt):
+    (call,) = tilt.of("kustomize")
+    assert call[1][0] == "k8s/overlays/dev"
+    assert tilt.of("k8s_yaml")
+    assert any("gen-secrets.py k8s/overlays/dev" in c[1][0] for c in tilt.of("local"))
+
+
+def test_k8s_resources_name_real_workloads_and_ports(tilt, dev_docs):
+    wl = workloads(dev_docs)
+    resources = {}
+    for _, args, kw in tilt.of("k8s_resource"):
+        name = kw.get("new_name") or (args[0] if args else kw.get("workload"))
+        resources[name] = kw
+        if args or kw.get("workload"):
+            workload = args[0] if args else kw["workload"]
+            assert workload in wl, f"k8s_resource {workload}: no such workload"
+            ports = {p["containerPort"] for c in wl[workload]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            for pf in kw.get("port_forwards", []):
+                assert pf["_tilt"] == "port_forward"
+                container_port = pf["args"][1] if len(pf["args"]) > 1 else pf["args"][0]
+                assert container_port in ports, f"{workload}: port-forward to {container_port}, container ports {ports}"
+        assert set(kw.get("labels", [])) <= {"app", "infra", "tests", "loadtest"}
+    assert set(wl) <= set(resources), f"workloads without k8s_resource: {set(wl) - set(resources)}"
+    # The apps start after the broker and the store.
+    for app in ("main-app", "service-app"):
+        assert {"rabbitmq", "redis"} <= set(resources[app]["resource_deps"])
+    # Every non-workload object is assigned to a resource (nothing uncategorized).
+    assigned = {o for kw in resources.values() for o in kw.get("objects", [])}
+    for d in dev_docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            continue
+        sel = f"{d['metadata']['name']}:{d['kind'].lower()}" + ("" if d["kind"] == "Namespace" else f":{d['metadata']['namespace']}")
+        assert sel in assigned, sel
+    names = set(resources) | {c[1][0] for c in tilt.of("local_resource")}
+    for kw in resources.values():
+        assert set(kw.get("resource_deps", [])) <= names
+
+
+def test_local_resources(tilt):
+    local = {c[1][0]: c[2] for c in tilt.of("local_resource")}
+    tests = local["unit-tests"]
+    assert "tests" in tests["labels"] and tests["auto_init"] is True
+    for dep in tests["deps"]:
+        assert (ROOT / dep).exists() or dep == "tests", dep
+    locust = local["locust"]
+    assert locust["labels"] == ["loadtest"] and locust["auto_init"] is False
+    assert locust["trigger_mode"] == 2  # TRIGGER_MODE_MANUAL
+
+
+def test_tilt_ci_skips_unit_tests(rendered):
+    ci = evaluate("ci")
+    local = {c[1][0]: c[2] for c in ci.of("local_resource")}
+    assert local["unit-tests"]["auto_init"] is False
+
+
+def test_registry_and_context_from_env(rendered):
+    rec = evaluate(env={"TILT_DEFAULT_REGISTRY": "docker.io/alice", "TILT_ALLOW_K8S_CONTEXT": "prod-like"})
+    assert rec.of("default_registry")[0][1][0] == "docker.io/alice"
+    assert rec.of("allow_k8s_contexts")[0][1][0] == "prod-like"
+    assert not evaluate().of("default_registry")
