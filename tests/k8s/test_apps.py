@@ -1,0 +1,371 @@
+"""Manifests cross-checked against the REAL apps.
+
+The apps are started from the project's .venv with exactly the environment the ci
+overlay gives their containers (ConfigMaps and Secrets resolved), against private
+RabbitMQ and Redis nodes from scripts/stack.py (the local stack's helper). Only the
+URLs of those nodes, the token file path and the listening ports (free ports, so a
+running `make run` does not collide) are substituted; the test proves separately that
+the manifests' port variables equal the container ports.
+
+Checks: probe paths answer on the ports the probes name; every environment variable
+the apps read is set or defaulted, every variable set is read; shared variables agree;
+the metric names used by KEDA and the PrometheusRules are exposed by the running apps
+and RabbitMQ; the smoke-test Job's script passes against the running system.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, find, pod_spec
+
+pytestmark = pytest.mark.apps
+
+APP_PACKAGES = {
+    "main-app": [ROOT / "main-app" / "main_app", ROOT / "contract" / "jobs_contract"],
+    "service-app": [ROOT / "service-app" / "service_app", ROOT / "contract" / "jobs_contract"],
+}
+ENV_READERS = {"env_str", "env_int", "env_float", "env_bool"}
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+# ----------------------------------------------------------------- env var scanning
+
+def env_reads(app: str) -> dict[str, bool]:
+    """{NAME: has_default} for every environment variable the app's code reads."""
+    found: dict[str, bool] = {}
+
+    def note(name, has_default):
+        found[name] = found.get(name, False) or has_default
+
+    for pkg in APP_PACKAGES[app]:
+        for path in pkg.rglob("*.py"):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                        and isinstance(node.args[0].value, str):
+                    func = node.func
+                    fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                    target = ast.unparse(func)
+                    if fname in ENV_READERS:
+                        note(node.args[0].value, True)
+                    elif target in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
+                        note(node.args[0].value, True)  # optional: None/default when unset
+                    elif target in ("os.environ.setdefault", "environ.setdefault"):
+                        note(node.args[0].value, True)
+                elif isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("os.environ", "environ") \
+                        and isinstance(node.slice, ast.Constant):
+                    note(node.slice.value, False)
+    return found
+
+
+def test_env_scan_finds_the_config():
+    reads = env_reads("main-app")
+    assert {"RABBITMQ_URL", "REDIS_URL", "HTTP_PORT", "METRICS_PORT", "JOB_MAX_SLEEP_SECONDS"} <= set(reads)
+    assert {"RABBITMQ_URL", "WORKER_CONCURRENCY", "SHUTDOWN_GRACE_SECONDS"} <= set(env_reads("service-app"))
+
+
+def container_env(docs, app: str) -> dict[str, str]:
+    """The container's environment as Kubernetes would build it (envFrom, then env)."""
+    dep = find(docs, "Deployment", app)
+    (container,) = pod_spec(dep)["containers"]
+    env: dict[str, str] = {}
+
+    def data_of(kind, name):
+        obj = find(docs, kind, name)
+        if kind == "Secret":
+            return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} | obj.get("stringData", {})
+        return obj["data"]
+
+    for src in container.get("envFrom", []):
+        if "configMapRef" in src:
+            env.update(data_of("ConfigMap", src["configMapRef"]["name"]))
+        else:
+            env.update(data_of("Secret", src["secretRef"]["name"]))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), var["value"])
+        else:
+            ref = var["valueFrom"]
+            if "secretKeyRef" in ref:
+                env[var["name"]] = data_of("Secret", ref["secretKeyRef"]["name"])[ref["secretKeyRef"]["key"]]
+            elif "configMapKeyRef" in ref:
+                env[var["name"]] = data_of("ConfigMap", ref["configMapKeyRef"]["name"])[ref["configMapKeyRef"]["key"]]
+    return env
+
+
+@pytest.mark.parametrize("app", list(APP_PACKAGES))
+@pytest.mark.parametrize("overlay", ["dev", "ci", "prod"])
+def test_every_env_var_read_is_set_or_defaulted_and_every_set_var_is_read(rendered, overlay, app):
+    reads = env_reads(app)
+    docs = rendered[overlay]
+    dep = find(docs, "Deployment", app)
+    (container,) = pod_spec(dep)["containers"]
+    names: set[str] = {v["name"] for v in container.get("env", [])}
+    for src in container.get("envFrom", []):
+        if "configMapRef" in src:
+            names |= set(find(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
+    missing = [n for n, has_default in reads.items() if not has_default and n not in names]
+    assert not missing, f"{app} needs {missing} but {overlay} does not set them"
+    unused = sorted(names - set(reads))
+    assert not unused, f"{overlay} sets {unused} on {app}, which never reads them (typo or dead config)"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "ci"])
+def test_shared_settings_agree(rendered, overlay):
+    docs = rendered[overlay]
+    main, worker = container_env(docs, "main-app"), container_env(docs, "service-app")
+    both = set(env_reads("main-app")) & set(env_reads("service-app"))
+    per_app = {"METRICS_HOST", "METRICS_PORT", "DECLARE_TOPOLOGY"}
+    for name in sorted(both - per_app):
+        assert main.get(name) == worker.get(name), f"{name}: main-app {main.get(name)!r} != service-app {worker.get(name)!r}"
+
+
+@pytest.mark.parametrize("overlay", ["dev", "ci", "prod"])
+def test_port_variables_equal_container_ports(rendered, overlay):
+    docs = rendered[overlay]
+    expected = {"main-app": {"http": "HTTP_PORT", "metrics": "METRICS_PORT"}, "service-app": {"metrics": "METRICS_PORT"}}
+    for app, ports in expected.items():
+        (container,) = pod_spec(find(docs, "Deployment", app))["containers"]
+        env = {}
+        for src in container.get("envFrom", []):
+            if "configMapRef" in src:
+                env.update(find(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert set(named) == set(ports), (app, named)
+        for port_name, var in ports.items():
+            assert int(env[var]) == named[port_name], f"{app}: {var}={env[var]} but port {port_name}={named[port_name]}"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] in named
+
+
+def test_app_defaults_equal_container_ports():
+    """Unset, the apps listen where the containers declare (defaults from the code)."""
+    reads = {}
+    for app in APP_PACKAGES:
+        for pkg in APP_PACKAGES[app][:1]:
+            for path in pkg.rglob("*.py"):
+                for m in re.finditer(r"env_int\(\s*['\"](HTTP_PORT|METRICS_PORT)['\"]\s*,\s*(\d+)", path.read_text()):
+                    reads[(app, m.group(1))] = int(m.group(2))
+    assert reads == {("main-app", "HTTP_PORT"): 8000, ("main-app", "METRICS_PORT"): 9100,
+                     ("service-app", "METRICS_PORT"): 9101}
+
+
+# ----------------------------------------------------------------- running system
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60, expect=(200,)) -> int:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                last = resp.status
+        except urllib.error.HTTPError as exc:
+            last = exc.code
+        except OSError:
+            last = None
+        if last in expect:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"{url}: {last} after {timeout}s")
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    if not (VENV_BIN / "python").exists():
+        pytest.fail("the project venv is missing: run `make venv` (make test-k8s does)")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from stack import RabbitNode, RedisNode  # the local stack's helper (scripts/stack.py)
+    finally:
+        sys.path.pop(0)
+    base = tmp_path_factory.mktemp("stack")
+    rabbit = RabbitNode(base / "rabbitmq", name=f"k8s-test-{os.getpid()}")
+    redis = RedisNode(base / "redis")
+    try:
+        rabbit.start(timeout=90)
+        redis.start()
+    except Exception as exc:  # noqa: BLE001
+        rabbit.stop(); redis.stop()
+        pytest.fail(f"private RabbitMQ/Redis did not start ({exc}); `make services-deps` installs them")
+    yield rabbit, redis
+    rabbit.stop()
+    redis.stop()
+
+
+class App:
+    def __init__(self, name, cmd, env, log):
+        self.name = name
+        self.log = log
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def tail(self):
+        return Path(self.log).read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def system(rendered, backends, tmp_path_factory):
+    """main-app and one service-app worker, configured as the ci overlay configures them."""
+    rabbit, redis = backends
+    docs = rendered["ci"]
+    work = tmp_path_factory.mktemp("apps")
+    token_file = work / "tokens"
+    token_file.write_text(find(docs, "Secret", "main-app-api-tokens")["data"] and
+                          base64.b64decode(find(docs, "Secret", "main-app-api-tokens")["data"]["tokens"]).decode())
+    ports = {"http": free_port(), "main-metrics": free_port(), "worker-metrics": free_port()}
+    base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
+    base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '/usr/bin:/bin')}"
+    main_env = {**base_env, **container_env(docs, "main-app"),
+                "RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url, "API_TOKENS_FILE": str(token_file),
+                "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(ports["http"]),
+                "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(ports["main-metrics"]),
+                "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics")}
+    worker_env = {**base_env, **container_env(docs, "service-app"),
+                  "RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url,
+                  "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(ports["worker-metrics"])}
+    apps = [
+        App("main-app", [str(VENV_BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
+            main_env, work / "main-app.log"),
+        App("service-app", [str(VENV_BIN / "python"), "-m", "service_app"], worker_env, work / "service-app.log"),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{ports['http']}/healthz")
+        wait_http(f"http://127.0.0.1:{ports['worker-metrics']}/healthz")
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in apps)
+        for a in apps:
+            a.stop()
+        pytest.fail(f"{exc}\n{logs}")
+    yield {"ports": ports, "token_file": token_file, "rabbit": rabbit, "apps": apps, "docs": docs}
+    for a in apps:
+        a.stop()
+    for a in apps:
+        assert a.proc.returncode == 0, f"{a.name} exited {a.proc.returncode} on SIGTERM:\n{a.tail()}"
+
+
+def test_probe_paths_answer_on_the_probed_ports(system):
+    docs = system["docs"]
+    port_of = {("main-app", "http"): system["ports"]["http"], ("main-app", "metrics"): system["ports"]["main-metrics"],
+               ("service-app", "metrics"): system["ports"]["worker-metrics"]}
+    for app in ("main-app", "service-app"):
+        (container,) = pod_spec(find(docs, "Deployment", app))["containers"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            http = container[probe]["httpGet"]
+            url = f"http://127.0.0.1:{port_of[(app, http['port'])]}{http['path']}"
+            assert wait_http(url, timeout=30) == 200, url
+
+
+def test_metrics_served_on_metrics_port_not_api_port(system):
+    p = system["ports"]
+    assert get(f"http://127.0.0.1:{p['main-metrics']}/metrics")[0] == 200
+    assert get(f"http://127.0.0.1:{p['http']}/metrics")[0] == 404
+    assert get(f"http://127.0.0.1:{p['worker-metrics']}/metrics")[0] == 200
+
+
+def test_smoke_job_script_passes_against_the_running_apps(system):
+    job = yaml.safe_load((ROOT / "k8s/verify/smoke-job.yaml").read_text())
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:2] == ["python3", "-c"]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]},
+           "BASE_URL": f"http://127.0.0.1:{system['ports']['http']}",
+           "API_TOKENS_FILE": str(system["token_file"]), "SMOKE_TIMEOUT_SECONDS": "60"}
+    proc = subprocess.run([sys.executable, "-c", container["command"][2]], env=env, capture_output=True, text=True,
+                          timeout=120)
+    logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in system["apps"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert proc.stdout.count("ok   ") == 6
+
+
+PROMQL_NON_METRICS = {"sum", "rate", "avg", "count", "by", "on", "avg_over_time", "histogram_quantile", "clamp_min",
+                      "increase", "le", "namespace", "pod", "queue", "route", "status", "outcome", "reason", "type",
+                      "method", "vhost", "humanize", "humanizeDuration", "humanizePercentage"}
+
+
+def metric_names_used(docs) -> set[str]:
+    exprs = [t["metadata"]["query"] for o in docs if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]]
+    rule = find(docs, "PrometheusRule", "jobs")
+    exprs += [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    names = set()
+    for expr in exprs:
+        expr = re.sub(r"\{[^}]*\}", "", expr)  # drop label matchers
+        expr = re.sub(r"\[[^\]]*\]", "", expr)
+        for token in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
+            if token not in PROMQL_NON_METRICS and ":" not in token:  # recorded series are defined, not scraped
+                names.add(token)
+    return names
+
+
+def exposed_names(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE ") or line.startswith("# HELP "):
+            base = line.split()[2]
+            names |= {base, base + "_total", base + "_bucket", base + "_sum", base + "_count"}
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_metric_names_in_keda_and_rules_are_exposed(system):
+    p = system["ports"]
+    # Traffic first, so labelled series exist (multiprocess mode only reports observed ones).
+    token = system["token_file"].read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{p['http']}/jobs", data=b'{"type":"echo","payload":{}}',
+                                 method="POST", headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 202
+    deadline = time.monotonic() + 30
+    rabbit = system["rabbit"]
+    sources = {}
+    while time.monotonic() < deadline:
+        sources = {
+            "main-app": get(f"http://127.0.0.1:{p['main-metrics']}/metrics")[1],
+            "service-app": get(f"http://127.0.0.1:{p['worker-metrics']}/metrics")[1],
+            "rabbitmq": get(f"http://127.0.0.1:{rabbit.prometheus_port}/metrics/detailed?family=queue_coarse_metrics")[1],
+        }
+        if "jobs_worker_job_latency_seconds_bucket{" in sources["service-app"] and \
+                'queue="jobs"' in sources["rabbitmq"]:
+            break
+        time.sleep(1)
+    exposed = set().union(*(exposed_names(t) for t in sources.values()))
+    used = metric_names_used(system["docs"])
+    assert {"jobs_api_http_requests_total", "jobs_worker_busy_ratio", "rabbitmq_detailed_queue_messages_ready"} <= used
+    missing = sorted(used - exposed)
+    assert not missing, f"used by KEDA/PrometheusRules but not exposed: {missing}"
+    assert re.search(r'rabbitmq_detailed_queue_messages_ready\{[^}]*queue="jobs"', sources["rabbitmq"])
