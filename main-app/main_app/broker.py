@@ -111,6 +111,9 @@ class Publisher:
             connection.close()
 
     def _on_connection_open(self, connection: SelectConnection) -> None:
+        if self._stopping.is_set():  # stop() came while connecting
+            connection.close()
+            return
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection: SelectConnection, error: Exception) -> None:

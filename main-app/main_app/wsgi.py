@@ -9,6 +9,7 @@ logging.basicConfig(
     level=os.environ.get("LOG_LEVEL", "INFO").upper(),
     format="%(asctime)s %(levelname)s [main-app %(process)d] %(name)s: %(message)s",
 )
-logging.getLogger("pika").setLevel(logging.WARNING)
+# pika logs every failed connect as an error; the publisher logs its own, single warning.
+logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 app = create_app()

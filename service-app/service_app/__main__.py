@@ -18,7 +18,8 @@ def main() -> int:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s [service-app %(process)d] %(name)s: %(message)s",
     )
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every failed connect as an error; the apps log their own, single warning.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     log = logging.getLogger("service_app")
     try:
         settings = Settings.from_env()

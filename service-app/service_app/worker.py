@@ -87,6 +87,8 @@ class Worker:
                 failures = 0
             except (pika.exceptions.AMQPError, OSError) as exc:
                 self.connected.clear()
+                if self.stopping.is_set():
+                    break
                 failures += 1
                 delay = min(10.0, 0.25 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
                 log.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", exc or type(exc).__name__, delay)

@@ -1,0 +1,130 @@
+"""`make run`: the whole system on this machine, no cluster needed.
+
+Private RabbitMQ and Redis nodes under .run/ (never the machine's own
+services), main-app under gunicorn and N service-app workers, all run by
+honcho: Ctrl-C stops everything cleanly. Dev credentials and an API token are
+generated on first run into .run/dev.env (git-ignored); API_TOKENS is honoured
+when set.
+"""
+
+import argparse
+import os
+import secrets
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack import RabbitNode, RedisNode, ensure_erlang_cookie  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+API = "http://127.0.0.1:8000"
+PORTS = {"amqp": 5682, "dist": 25682, "prometheus": 15702, "management": 15682, "redis": 6389, "workers": 9101}
+
+
+def load_or_create_env(run_dir: Path) -> dict[str, str]:
+    path = run_dir / "dev.env"
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        generated = {
+            "DEV_RABBITMQ_USER": "dev-" + secrets.token_hex(3),
+            "DEV_RABBITMQ_PASSWORD": secrets.token_urlsafe(18),
+            "DEV_API_TOKEN": "dev-" + secrets.token_urlsafe(24),
+        }
+        path.write_text("".join(f"{k}={v}\n" for k, v in generated.items()))
+        path.chmod(0o600)
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    creds = load_or_create_env(run_dir)
+    rabbit = RabbitNode(run_dir / "rabbitmq", name="jobs-dev", amqp_port=PORTS["amqp"], dist_port=PORTS["dist"],
+                        prometheus_port=PORTS["prometheus"], management_port=PORTS["management"],
+                        user=creds["DEV_RABBITMQ_USER"], password=creds["DEV_RABBITMQ_PASSWORD"],
+                        plugins=("rabbitmq_prometheus", "rabbitmq_management"))
+    redis = RedisNode(run_dir / "redis", port=PORTS["redis"])
+    ensure_erlang_cookie()
+    rabbit.write_config()
+    redis.base_dir.mkdir(parents=True, exist_ok=True)
+
+    token = os.environ.get("API_TOKENS") or creds["DEV_API_TOKEN"]
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **{k: v for k, v in rabbit.env().items() if k.startswith(("RABBITMQ_", "ERL_"))},
+        "RABBITMQ_URL": rabbit.url,
+        "REDIS_URL": redis.url,
+        "API_TOKENS": token,
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": "8000",
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": "9100",
+        "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "main-app-metrics"),
+        "PATH": f"{venv_bin}:{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    (run_dir / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    # Workers first: honcho gives the first process type PORT=<base>, <base>+1, ...
+    procfile = "\n".join([
+        "worker: METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec python -m service_app",
+        f"rabbitmq: exec {' '.join(rabbit.foreground_command())}",
+        f"redis: exec {' '.join(redis.command())}",
+        "api: exec gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app",
+        f"ready: exec python {Path(__file__).resolve()} banner --workers {args.workers}",
+    ]) + "\n"
+    (run_dir / "Procfile").write_text(procfile)
+    os.chdir(ROOT)
+    os.execv(str(venv_bin / "honcho"), [
+        "honcho", "-f", str(run_dir / "Procfile"), "-e", str(run_dir / "stack.env"), "-d", str(ROOT),
+        "start", "-p", str(PORTS["workers"]), "-c", f"worker={args.workers}",
+    ])
+
+
+def banner(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{API}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        print("main-app did not become ready within 120s; see the logs above", flush=True)
+    token = os.environ["API_TOKENS"].split(",")[0]
+    workers = ", ".join(f"http://127.0.0.1:{PORTS['workers'] + i}/metrics" for i in range(args.workers))
+    print(f"""
+  ┌ the stack is up ─────────────────────────────────────────────────────────
+  │ API            {API}   (OpenAPI: {API}/openapi.json)
+  │ API metrics    http://127.0.0.1:9100/metrics
+  │ worker metrics {workers}
+  │ RabbitMQ       amqp://127.0.0.1:{PORTS['amqp']}  UI http://127.0.0.1:{PORTS['management']}  \
+metrics http://127.0.0.1:{PORTS['prometheus']}/metrics
+  │ Redis          redis://127.0.0.1:{PORTS['redis']}
+  │ dev credentials: .run/dev.env        Ctrl-C stops everything
+  └──────────────────────────────────────────────────────────────────────────
+  export TOKEN={token}
+  curl -s -XPOST {API}/jobs -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+       -d '{{"type": "echo", "payload": {{"hello": "world"}}}}'
+  curl -s {API}/jobs/<id> -H "Authorization: Bearer $TOKEN"
+""", flush=True)
+    while True:  # honcho stops the whole stack when any process exits
+        time.sleep(3600)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="start the stack in the foreground")
+    run_parser.add_argument("--workers", type=int, default=2)
+    run_parser.add_argument("--run-dir", default=str(ROOT / ".run"))
+    banner_parser = sub.add_parser("banner", help="(internal) wait until ready, print the URLs")
+    banner_parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    return run(args) if args.command == "run" else banner(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""main-app's HTTP contract against real Redis and RabbitMQ."""
+
+import json
+
+import orjson
+import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate as validate_openapi
+
+from conftest import OTHER_TOKEN, TOKEN, queue_depth
+from jobs_contract import JobMessage, JobStore, topology
+from main_app.api import create_app
+from main_app.config import Settings
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def make_settings(rabbit_url: str, redis_url: str, **overrides) -> Settings:
+    import dataclasses
+
+    from jobs_contract import Limits
+
+    base = Settings(rabbitmq_url=rabbit_url, redis_url=redis_url, api_tokens=(TOKEN, OTHER_TOKEN),
+                    auth_disabled=False, max_body_bytes=65536, publish_timeout_seconds=2.0, job_ttl_seconds=3600,
+                    idempotency_ttl_seconds=3600, limits=Limits(), declare_topology=True)
+    return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture
+def app(rabbit, redis_node, redis_client, amqp):
+    application = create_app(make_settings(rabbit.url, redis_node.url))
+    assert application.extensions["publisher"].wait_ready(15)
+    yield application
+    application.extensions["publisher"].stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class OpenApiChecker:
+    """Checks that responses match the OpenAPI document the app serves."""
+
+    def __init__(self, document: dict):
+        self.document = document
+
+    def check(self, path: str, method: str, response) -> None:
+        operation = self.document["paths"][path][method]
+        documented = operation["responses"].get(str(response.status_code))
+        assert documented, f"{method.upper()} {path} -> {response.status_code} is not documented"
+        content_type = response.mimetype
+        assert content_type in documented["content"], f"{content_type} not documented for {response.status_code}"
+        schema = dict(documented["content"][content_type]["schema"])
+        schema["components"] = self.document["components"]
+        # Resolve "#/components/..." against the whole document.
+        Draft202012Validator({**schema, "$defs": {}}).validate(response.get_json(force=True))
+
+
+@pytest.fixture
+def openapi(client):
+    document = client.get("/openapi.json").get_json()
+    return OpenApiChecker(document)
+
+
+def test_openapi_document_is_valid_and_covers_every_route(app, client):
+    document = client.get("/openapi.json").get_json()
+    validate_openapi(document)
+    documented = {(path, method.upper()) for path, ops in document["paths"].items() for method in ops}
+    served = {
+        (rule.rule.replace("<job_id>", "{id}"), method)
+        for rule in app.url_map.iter_rules()
+        if rule.endpoint != "static"
+        for method in rule.methods - {"HEAD", "OPTIONS"}
+    }
+    assert served == documented
+
+
+@pytest.mark.parametrize("route", ["/jobs", "/user-request-job"])
+def test_submit_records_publishes_and_answers_202(client, redis_node, amqp, openapi, route):
+    response = client.post(route, json={"type": "echo", "payload": {"n": 1}}, headers=AUTH)
+    assert response.status_code == 202
+    openapi.check("/jobs", "post", response)
+    body = response.get_json()
+    assert body["status"] == "queued" and body["type"] == "echo"
+    assert response.headers["Location"] == f"/jobs/{body['id']}"
+
+    stored = JobStore.from_url(redis_node.url).get(body["id"])
+    assert stored["status"] == "queued" and stored["attempts"] == 0
+
+    method, properties, raw = amqp.basic_get(topology.QUEUE, auto_ack=True)
+    assert method is not None, "the job is not in the queue"
+    assert properties.delivery_mode == 2
+    message = JobMessage.decode(raw, properties)
+    assert (message.id, message.type, message.payload, message.attempt) == (body["id"], "echo", {"n": 1}, 1)
+
+
+def test_get_job_and_client_isolation(client, openapi):
+    job_id = client.post("/jobs", json={"type": "echo"}, headers=AUTH).get_json()["id"]
+    response = client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 200
+    openapi.check("/jobs/{id}", "get", response)
+    job = response.get_json()
+    assert set(job) == {"id", "type", "status", "attempts", "result", "error", "created_at", "started_at",
+                        "finished_at"}
+    assert job["status"] == "queued" and job["result"] is None and job["started_at"] is None
+
+    other = client.get(f"/jobs/{job_id}", headers={"Authorization": f"Bearer {OTHER_TOKEN}"})
+    assert other.status_code == 404
+    openapi.check("/jobs/{id}", "get", other)
+
+
+@pytest.mark.parametrize("job_id", ["0" * 36, "not-a-uuid", "..%2F..%2Fetc%2Fpasswd", "%00", "a" * 500])
+def test_unknown_or_malformed_ids_are_404(client, openapi, job_id):
+    response = client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert response.status_code == 404
+    assert response.mimetype == "application/problem+json"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},
+                                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer"}])
+def test_auth_required(client, openapi, headers):
+    response = client.post("/jobs", json={"type": "echo"}, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    openapi.check("/jobs", "post", response)
+    assert client.get(f"/jobs/{'0' * 8}-0000-0000-0000-{'0' * 12}", headers=headers).status_code == 401
+
+
+def test_malformed_json_is_400(client, openapi):
+    response = client.post("/jobs", data=b'{"type": ', headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    openapi.check("/jobs", "post", response)
+    invalid_utf8 = client.post("/jobs", data=b'{"type": "echo", "payload": {"a": "\xff"}}',
+                               headers={**AUTH, "Content-Type": "application/json"})
+    assert invalid_utf8.status_code == 400
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", ""])
+def test_wrong_content_type_is_415(client, openapi, content_type):
+    response = client.post("/jobs", data=b'{"type": "echo"}', headers={**AUTH, "Content-Type": content_type})
+    assert response.status_code == 415
+    openapi.check("/jobs", "post", response)
+
+
+def test_problem_json_accepts_json_suffix_types(client):
+    response = client.post("/jobs", data=b'{"type": "echo"}',
+                           headers={**AUTH, "Content-Type": "application/vnd.jobs+json; charset=utf-8"})
+    assert response.status_code == 202
+
+
+def test_body_over_the_limit_is_413(rabbit, redis_node, redis_client, amqp):
+    app = create_app(make_settings(rabbit.url, redis_node.url, max_body_bytes=1024))
+    try:
+        response = app.test_client().post("/jobs", json={"type": "echo", "payload": {"x": "a" * 2000}}, headers=AUTH)
+        assert response.status_code == 413
+        assert response.mimetype == "application/problem+json"
+        assert "1024 bytes" in response.get_json()["detail"]
+        assert queue_depth(amqp, topology.QUEUE) == 0
+    finally:
+        app.extensions["publisher"].stop()
+
+
+def test_schema_violation_is_422_with_the_field(client, openapi, amqp, redis_client):
+    response = client.post("/jobs", json={"type": "sleep", "payload": {"seconds": 10**6}}, headers=AUTH)
+    assert response.status_code == 422
+    openapi.check("/jobs", "post", response)
+    assert response.get_json()["errors"][0]["pointer"] == "/payload/seconds"
+    unknown = client.post("/jobs", json={"type": "mine"}, headers=AUTH)
+    assert unknown.status_code == 422 and unknown.get_json()["errors"][0]["pointer"] == "/type"
+    deep = client.post("/jobs", data=b'{"type":"echo","payload":' + b"[" * 2000 + b"]" * 2000 + b"}",
+                       headers={**AUTH, "Content-Type": "application/json"})
+    assert deep.status_code in (400, 422)
+    assert queue_depth(amqp, topology.QUEUE) == 0
+    assert redis_client.dbsize() == 0, "a rejected job left a record behind"
+
+
+def test_idempotency_key_returns_the_same_job(client, amqp, openapi):
+    headers = {**AUTH, "Idempotency-Key": "order-42"}
+    first = client.post("/jobs", json={"type": "echo", "payload": {"a": 1, "b": 2}}, headers=headers)
+    again = client.post("/jobs", json={"payload": {"b": 2, "a": 1}, "type": "echo"}, headers=headers)
+    assert first.status_code == again.status_code == 202
+    openapi.check("/jobs", "post", again)
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert queue_depth(amqp, topology.QUEUE) == 1, "a replay published a second job"
+
+    different = client.post("/jobs", json={"type": "echo", "payload": {"a": 2}}, headers=headers)
+    assert different.status_code == 422
+    openapi.check("/jobs", "post", different)
+    # Keys are per client: another client's same key is a different job.
+    other = client.post("/jobs", json={"type": "echo", "payload": {"a": 1, "b": 2}},
+                        headers={"Authorization": f"Bearer {OTHER_TOKEN}", "Idempotency-Key": "order-42"})
+    assert other.status_code == 202 and other.get_json()["id"] != first.get_json()["id"]
+
+
+def test_idempotency_key_in_progress_is_409(client, redis_node):
+    store = JobStore.from_url(redis_node.url)
+    from main_app.auth import TokenAuthenticator
+
+    client_id = TokenAuthenticator((TOKEN,)).client_for(f"Bearer {TOKEN}")
+    import hashlib
+
+    body_hash = hashlib.sha256(orjson.dumps(["echo", {}], option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert store.create("11111111-1111-4111-8111-111111111111", client_id, "echo", "t", ("busy", body_hash)) is None
+    response = client.post("/jobs", json={"type": "echo"}, headers={**AUTH, "Idempotency-Key": "busy"})
+    assert response.status_code == 409
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_bad_idempotency_key_is_400(client):
+    response = client.post("/jobs", json={"type": "echo"}, headers={**AUTH, "Idempotency-Key": "x" * 300})
+    assert response.status_code == 400
+
+
+def test_health_and_readiness(client, openapi):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["checks"] == {"broker": True, "store": True}
+    openapi.check("/readyz", "get", ready)
+
+
+def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client):
+    from stack import free_port
+
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    app = create_app(make_settings(dead_broker, redis_node.url))
+    try:
+        client = app.test_client()
+        response = client.post("/jobs", json={"type": "echo"}, headers={**AUTH, "Idempotency-Key": "k1"})
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.mimetype == "application/problem+json"
+        assert redis_client.dbsize() == 0, "an unaccepted job left a record or idempotency key behind"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["checks"]["broker"] is False
+    finally:
+        app.extensions["publisher"].stop()
+
+
+def test_store_unavailable_is_503_and_nothing_is_published(rabbit, amqp):
+    from stack import free_port
+
+    app = create_app(make_settings(rabbit.url, f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        assert app.extensions["publisher"].wait_ready(15)
+        client = app.test_client()
+        response = client.post("/jobs", json={"type": "echo"}, headers=AUTH)
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert queue_depth(amqp, topology.QUEUE) == 0
+        assert client.get(f"/jobs/{'0' * 8}-0000-4000-8000-{'0' * 12}", headers=AUTH).status_code == 503
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["checks"]["store"] is False
+    finally:
+        app.extensions["publisher"].stop()
+
+
+def test_unroutable_publish_is_not_accepted(rabbit, redis_node, redis_client, amqp):
+    """If the queue is missing (deleted by an operator), the broker returns the message: no 202."""
+    app = create_app(make_settings(rabbit.url, redis_node.url, declare_topology=False))
+    try:
+        assert app.extensions["publisher"].wait_ready(15)
+        amqp.queue_unbind(topology.QUEUE, topology.EXCHANGE, topology.ROUTING_KEY)
+        response = app.test_client().post("/jobs", json={"type": "echo"}, headers=AUTH)
+        assert response.status_code == 503
+        assert redis_client.dbsize() == 0
+    finally:
+        amqp.queue_bind(topology.QUEUE, topology.EXCHANGE, topology.ROUTING_KEY)
+        app.extensions["publisher"].stop()
+
+
+def test_gunicorn_serves_metrics_only_on_the_metrics_port(rabbit, redis_node, redis_client, amqp, start_api):
+    import requests
+
+    api = start_api(rabbit.url, redis_node.url)
+    assert api.submit("echo", {"x": 1}).status_code == 202
+    assert api.submit("sleep", {"seconds": -1}).status_code == 422
+    assert requests.get(f"{api.url}/metrics", timeout=5).status_code == 404
+    metrics = requests.get(api.metrics_url, timeout=5).text
+    assert 'jobs_api_jobs_accepted_total{type="echo"} 1.0' in metrics
+    assert 'jobs_api_jobs_rejected_total{reason="invalid"} 1.0' in metrics
+    assert 'jobs_api_http_requests_total{method="POST",route="/jobs",status="202"} 1.0' in metrics
+    assert "jobs_api_publish_duration_seconds_count 1.0" in metrics
+    assert 'jobs_api_store_duration_seconds_count{operation="create"}' in metrics
+    assert "jobs_api_http_requests_in_progress" in metrics
+    assert json.loads(requests.get(f"{api.url}/openapi.json", timeout=5).text)["openapi"].startswith("3.1")

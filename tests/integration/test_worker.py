@@ -1,0 +1,243 @@
+"""service-app against real RabbitMQ and Redis: outcomes, retries, dead letters, poison, shutdown, outages."""
+
+import signal
+import time
+
+import pika
+import pytest
+import requests
+
+from conftest import queue_depth
+from jobs_contract import JobMessage, JobStore, topology
+from jobs_contract.message import HEADER_SCHEMA_VERSION
+
+
+def publish(channel, job: JobMessage) -> None:
+    body, properties = job.encode()
+    channel.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties)
+
+
+def new_job(store: JobStore, job_type: str, payload: dict, job_id: str | None = None) -> JobMessage:
+    import uuid
+
+    job = JobMessage(id=job_id or str(uuid.uuid4()), type=job_type, payload=payload, client="c-test",
+                     created_at="2026-01-01T00:00:00.000Z")
+    assert store.create(job.id, job.client, job.type, job.created_at) is None
+    return job
+
+
+def wait_status(store: JobStore, job_id: str, statuses: set[str], timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = store.get(job_id)
+        if job and job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+def metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture
+def store(redis_node, redis_client):
+    return JobStore.from_url(redis_node.url)
+
+
+def test_every_job_type_reaches_its_final_state(rabbit, redis_node, store, amqp, start_worker):
+    worker = start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="3")
+    jobs = {
+        "echo": new_job(store, "echo", {"hello": ["world"]}),
+        "sleep": new_job(store, "sleep", {"seconds": 0.3}),
+        "cpu": new_job(store, "cpu", {"ms": 50}),
+        "fail": new_job(store, "fail", {"message": "boom"}),
+        "flaky": new_job(store, "flaky", {"fail_times": 2}),
+    }
+    for job in jobs.values():
+        publish(amqp, job)
+    results = {name: wait_status(store, job.id, {"succeeded", "failed"}) for name, job in jobs.items()}
+
+    assert results["echo"]["result"] == {"hello": ["world"]} and results["echo"]["attempts"] == 1
+    assert results["sleep"]["result"] == {"slept_seconds": 0.3}
+    assert results["cpu"]["status"] == "succeeded" and results["cpu"]["result"]["iterations"] > 0
+    assert results["fail"]["status"] == "failed" and results["fail"]["attempts"] == 3
+    assert "JobFailed: boom" in results["fail"]["error"]
+    assert results["flaky"]["status"] == "succeeded" and results["flaky"]["attempts"] == 3
+    assert results["flaky"]["result"] == {"succeeded_on_attempt": 3}
+    for job in results.values():
+        assert job["started_at"] and job["finished_at"]
+
+    # The failed job is dead-lettered; nothing else is left anywhere.
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.DEAD_LETTER_QUEUE) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    method, properties, body = amqp.basic_get(topology.DEAD_LETTER_QUEUE, auto_ack=True)
+    assert JobMessage.decode(body, properties).id == jobs["fail"].id
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 0
+    assert queue_depth(amqp, topology.QUEUE) == 0
+
+    assert metric(worker.url, "jobs_worker_jobs_processed_total") >= 5
+    assert metric(worker.url, "jobs_worker_retries_total") == 4  # fail: 2 retries, flaky: 2 retries
+    assert metric(worker.url, "jobs_worker_dead_lettered_total") == 1
+    assert metric(worker.url, "jobs_worker_job_latency_seconds_count") == 5
+    assert metric(worker.url, "jobs_worker_concurrency") == 4
+
+
+def test_retries_back_off_exponentially(rabbit, redis_node, store, amqp, start_worker):
+    start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="4", RETRY_BACKOFF_BASE_SECONDS="0.4",
+                 RETRY_BACKOFF_MAX_SECONDS="10")
+    job = new_job(store, "fail", {})
+    publish(amqp, job)
+    starts, last = [], None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        record = store.get(job.id)
+        if record["started_at"] != last and record["status"] in {"running", "retrying", "failed"}:
+            last = record["started_at"]
+            starts.append(time.monotonic())
+        if record["status"] == "failed":
+            break
+        time.sleep(0.01)
+    assert store.get(job.id)["attempts"] == 4
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert len(gaps) == 3, starts
+    # Equal jitter: the n-th delay is in [base*2^(n-1)/2, base*2^(n-1)], plus a little for delivery.
+    for n, gap in enumerate(gaps, start=1):
+        full = 0.4 * 2 ** (n - 1)
+        assert full / 2 - 0.05 <= gap <= full + 0.5, (n, gap, gaps)
+
+
+def test_poison_messages_are_dead_lettered_and_good_jobs_keep_flowing(rabbit, redis_node, store, amqp,
+                                                                        start_worker):
+    worker = start_worker(rabbit.url, redis_node.url)
+    good_before = new_job(store, "echo", {"n": 1})
+    publish(amqp, good_before)
+    poison = [
+        (b"not json at all", {HEADER_SCHEMA_VERSION: 1}),
+        (b'{"v":1,"id":"p1","type":"no-such-type","payload":{},"client":"c","created_at":"t"}',
+         {HEADER_SCHEMA_VERSION: 1}),
+        (b'{"v":1,"id":"p2","type":"sleep","payload":{"seconds":"long"},"client":"c","created_at":"t"}',
+         {HEADER_SCHEMA_VERSION: 1}),
+        (b'{"v":1,"id":"p3","type":"echo","payload":{},"client":"c","created_at":"t"}', {HEADER_SCHEMA_VERSION: 99}),
+    ]
+    for body, headers in poison:
+        amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body,
+                           pika.BasicProperties(headers=headers, delivery_mode=2))
+    good_after = new_job(store, "echo", {"n": 2})
+    publish(amqp, good_after)
+    assert wait_status(store, good_before.id, {"succeeded"})
+    assert wait_status(store, good_after.id, {"succeeded"})
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.DEAD_LETTER_QUEUE) < len(poison) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == len(poison)
+    assert metric(worker.url, "jobs_worker_dead_lettered_total") == len(poison)
+    assert requests.get(f"{worker.url}/readyz", timeout=5).status_code == 200
+
+
+def test_redelivered_final_job_is_acked_without_running_again(rabbit, redis_node, store, amqp, start_worker):
+    worker = start_worker(rabbit.url, redis_node.url)
+    job = new_job(store, "echo", {"n": 1})
+    publish(amqp, job)
+    first = wait_status(store, job.id, {"succeeded"})
+    publish(amqp, job)  # the same message again, as a redelivery after a lost ack would be
+    deadline = time.monotonic() + 10
+    while metric(worker.url, "jobs_worker_jobs_processed_total") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'outcome="skipped"' in requests.get(f"{worker.url}/metrics", timeout=5).text
+    assert store.get(job.id) == first
+    assert queue_depth(amqp, topology.QUEUE) == 0
+
+
+def test_missing_record_is_rebuilt_from_the_message(rabbit, redis_node, store, amqp, start_worker, redis_client):
+    start_worker(rabbit.url, redis_node.url)
+    job = new_job(store, "echo", {"n": 1})
+    redis_client.delete(store.job_key(job.id))  # e.g. Redis lost it
+    publish(amqp, job)
+    record = wait_status(store, job.id, {"succeeded"})
+    assert record["client"] == job.client and record["type"] == "echo"
+
+
+def test_job_timeout_fails_the_attempt(rabbit, redis_node, store, amqp, start_worker):
+    start_worker(rabbit.url, redis_node.url, JOB_TIMEOUT_SECONDS="0.5", MAX_ATTEMPTS="2")
+    job = new_job(store, "sleep", {"seconds": 5})
+    cpu = new_job(store, "cpu", {"ms": 5000})
+    publish(amqp, job)
+    publish(amqp, cpu)
+    started = time.monotonic()
+    for j in (job, cpu):
+        record = wait_status(store, j.id, {"failed"}, timeout=15)
+        assert record["attempts"] == 2
+        assert "timed out after 0.5s" in record["error"]
+    assert time.monotonic() - started < 8
+
+
+def test_long_jobs_keep_the_connection_alive(rabbit, redis_node, store, amqp, start_worker):
+    """A job longer than several heartbeat intervals must not cost the connection (or the ack)."""
+    worker = start_worker(f"{rabbit.url}?heartbeat=1", redis_node.url, WORKER_CONCURRENCY="1")
+    job = new_job(store, "cpu", {"ms": 4000})
+    publish(amqp, job)
+    record = wait_status(store, job.id, {"succeeded", "failed"}, timeout=30)
+    assert record["status"] == "succeeded" and record["attempts"] == 1
+    assert metric(worker.url, "jobs_worker_broker_reconnects_total") == 0
+    assert queue_depth(amqp, topology.QUEUE) == 0
+
+
+def test_sigterm_drains_in_flight_jobs_and_exits_0(rabbit, redis_node, store, amqp, start_worker):
+    worker = start_worker(rabbit.url, redis_node.url, WORKER_CONCURRENCY="2", WORKER_PREFETCH="10",
+                          SHUTDOWN_GRACE_SECONDS="10")
+    jobs = [new_job(store, "sleep", {"seconds": 1.5}) for _ in range(6)]
+    for job in jobs:
+        publish(amqp, job)
+    wait_status(store, jobs[0].id, {"running"})
+    time.sleep(0.2)
+    worker.proc.signal(signal.SIGTERM)
+    assert worker.proc.wait(15) == 0
+    records = [store.get(j.id) for j in jobs]
+    finished = [r for r in records if r["status"] == "succeeded"]
+    waiting = [r for r in records if r["status"] == "queued"]
+    assert len(finished) == 2, records  # the two running jobs were finished, not abandoned
+    assert len(finished) + len(waiting) == 6
+    assert queue_depth(amqp, topology.QUEUE) == len(waiting)  # the rest went back to the queue
+    assert "draining" in worker.proc.output()
+
+
+def test_sigterm_past_the_grace_period_requeues_the_job(rabbit, redis_node, store, amqp, start_worker):
+    worker = start_worker(rabbit.url, redis_node.url, WORKER_CONCURRENCY="1", SHUTDOWN_GRACE_SECONDS="0.5")
+    job = new_job(store, "sleep", {"seconds": 20})
+    publish(amqp, job)
+    wait_status(store, job.id, {"running"})
+    started = time.monotonic()
+    worker.proc.signal(signal.SIGTERM)
+    assert worker.proc.wait(10) == 0
+    assert time.monotonic() - started < 5
+    time.sleep(0.5)
+    assert queue_depth(amqp, topology.QUEUE) == 1, "the unfinished job did not go back to the queue"
+    # Another worker picks it up and finishes it.
+    amqp.queue_purge(topology.QUEUE)
+
+
+def test_crash_loop_job_is_failed_after_max_redeliveries(rabbit, redis_node, store, amqp, start_worker):
+    start_worker(rabbit.url, redis_node.url, MAX_REDELIVERIES="3")
+    job = new_job(store, "echo", {})
+    body, properties = job.encode()
+    properties.headers["x-delivery-count"] = 3  # as if three workers had died holding it
+    amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties)
+    record = wait_status(store, job.id, {"failed"})
+    assert "delivered 3 times" in record["error"]
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.DEAD_LETTER_QUEUE) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 1
+
+
+def test_refuses_bad_configuration(rabbit, redis_node, start_worker):
+    worker = start_worker(rabbit.url, redis_node.url, wait_ready=False, WORKER_CONCURRENCY="zero")
+    assert worker.proc.wait(15) == 2
+    assert "WORKER_CONCURRENCY must be an integer" in worker.proc.output()

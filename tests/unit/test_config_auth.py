@@ -1,0 +1,84 @@
+import time
+
+import pytest
+
+from jobs_contract.settings import ConfigError
+from main_app.auth import TokenAuthenticator
+from main_app.config import Settings as ApiSettings
+from service_app.config import Settings as WorkerSettings
+from service_app.worker import backoff_seconds
+
+TOKEN_A = "token-a-0123456789abcdef"
+TOKEN_B = "token-b-0123456789abcdef"
+
+
+def test_authenticator_maps_tokens_to_distinct_clients():
+    auth = TokenAuthenticator((TOKEN_A, TOKEN_B))
+    a, b = auth.client_for(f"Bearer {TOKEN_A}"), auth.client_for(f"bearer {TOKEN_B}")
+    assert a and b and a != b
+    assert TOKEN_A not in a  # the client id does not reveal the token
+    for header in [None, "", "Bearer", "Bearer ", f"Basic {TOKEN_A}", f"Bearer {TOKEN_A}x", "Bearer \udcff"]:
+        assert auth.client_for(header) is None
+
+
+def test_authentication_disabled_is_one_anonymous_client():
+    assert TokenAuthenticator((), disabled=True).client_for(None) == "anonymous"
+
+
+def test_token_check_time_does_not_depend_on_the_matching_prefix():
+    auth = TokenAuthenticator(tuple(f"token-{i:02d}-0123456789abcdef" for i in range(20)))
+
+    def cost(header: str) -> float:
+        started = time.perf_counter()
+        for _ in range(3000):
+            auth.client_for(header)
+        return time.perf_counter() - started
+
+    near = "Bearer token-19-0123456789abcdeX"  # shares all but the last character with a real token
+    far = "Bearer Xoken-19-0123456789abcdef"
+    samples = sorted(cost(near) / cost(far) for _ in range(5))
+    assert 0.7 < samples[2] < 1.4
+
+
+def test_api_refuses_to_start_without_tokens(monkeypatch):
+    monkeypatch.delenv("API_TOKENS", raising=False)
+    monkeypatch.delenv("API_TOKENS_FILE", raising=False)
+    with pytest.raises(ConfigError, match="no API tokens configured"):
+        ApiSettings.from_env()
+    monkeypatch.setenv("AUTH_DISABLED", "true")
+    assert ApiSettings.from_env().auth_disabled
+
+
+def test_tokens_from_env_and_file(monkeypatch, tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text(f"# tokens\n{TOKEN_B}\n\n")
+    monkeypatch.setenv("API_TOKENS", f" {TOKEN_A} ,")
+    monkeypatch.setenv("API_TOKENS_FILE", str(path))
+    assert ApiSettings.from_env().api_tokens == (TOKEN_A, TOKEN_B)
+    monkeypatch.setenv("API_TOKENS_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        ApiSettings.from_env()
+
+
+def test_short_tokens_are_refused(monkeypatch):
+    monkeypatch.setenv("API_TOKENS", "short")
+    with pytest.raises(ConfigError, match="at least 16"):
+        ApiSettings.from_env()
+
+
+def test_worker_settings_validation(monkeypatch):
+    monkeypatch.setenv("WORKER_CONCURRENCY", "4")
+    monkeypatch.setenv("WORKER_PREFETCH", "2")
+    with pytest.raises(ConfigError, match="WORKER_PREFETCH"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("WORKER_PREFETCH", "8")
+    monkeypatch.setenv("MAX_ATTEMPTS", "0")
+    with pytest.raises(ConfigError, match="MAX_ATTEMPTS must be >= 1"):
+        WorkerSettings.from_env()
+
+
+def test_backoff_is_exponential_with_jitter_and_capped():
+    for attempt, full in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)]:
+        delays = [backoff_seconds(attempt, base=1.0, cap=30.0) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays)
+        assert max(delays) - min(delays) > full / 10  # jittered

@@ -1,0 +1,129 @@
+import pika
+import pytest
+
+from jobs_contract import JOB_TYPES, JobMessage, Limits, PoisonMessage, ValidationFailed, topology
+from jobs_contract.catalog import RequestValidator
+from jobs_contract.message import HEADER_ATTEMPT, HEADER_SCHEMA_VERSION
+
+validator = RequestValidator(Limits(max_sleep_seconds=10, max_cpu_ms=1000, max_fail_times=3))
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"type": "echo", "payload": {"a": [1, 2]}}, ("echo", {"a": [1, 2]})),
+        ({"type": "echo"}, ("echo", {})),
+        ({"type": "sleep", "payload": {"seconds": 0.5}}, ("sleep", {"seconds": 0.5})),
+        ({"type": "cpu", "payload": {"ms": 1000}}, ("cpu", {"ms": 1000})),
+        ({"type": "fail", "payload": {}}, ("fail", {})),
+        ({"type": "flaky", "payload": {"fail_times": 3}}, ("flaky", {"fail_times": 3})),
+    ],
+)
+def test_valid_requests(document, expected):
+    assert validator.validate(document) == expected
+
+
+@pytest.mark.parametrize(
+    ("document", "pointer"),
+    [
+        ([], "/"),
+        ({"payload": {}}, "/type"),
+        ({"type": 3}, "/type"),
+        ({"type": "nope"}, "/type"),
+        ({"type": "echo", "extra": 1}, "/extra"),
+        ({"type": "echo", "payload": []}, "/payload"),
+        ({"type": "sleep", "payload": {}}, "/payload/seconds"),
+        ({"type": "sleep", "payload": {"seconds": -1}}, "/payload/seconds"),
+        ({"type": "sleep", "payload": {"seconds": 11}}, "/payload/seconds"),
+        ({"type": "sleep", "payload": {"seconds": "1"}}, "/payload/seconds"),
+        ({"type": "cpu", "payload": {"ms": 1.5}}, "/payload/ms"),
+        ({"type": "cpu", "payload": {"ms": 10**30}}, "/payload/ms"),
+        ({"type": "flaky", "payload": {"fail_times": 4}}, "/payload/fail_times"),
+        ({"type": "flaky", "payload": {"fail_times": 1, "x": 1}}, "/payload/x"),
+    ],
+)
+def test_invalid_requests_name_the_field(document, pointer):
+    with pytest.raises(ValidationFailed) as info:
+        validator.validate(document)
+    assert info.value.field == pointer
+
+
+def test_unknown_type_lists_known_types():
+    with pytest.raises(ValidationFailed, match="known types: echo, sleep, cpu, fail, flaky"):
+        validator.validate({"type": "mine"})
+
+
+def test_limits_from_env(monkeypatch):
+    monkeypatch.setenv("JOB_MAX_SLEEP_SECONDS", "7")
+    assert Limits.from_env().max_sleep_seconds == 7
+    monkeypatch.setenv("JOB_MAX_SLEEP_SECONDS", "seven")
+    with pytest.raises(ValueError, match="JOB_MAX_SLEEP_SECONDS must be an integer"):
+        Limits.from_env()
+
+
+def test_message_round_trip():
+    job = JobMessage(id="j1", type="echo", payload={"x": 1}, client="c", created_at="2026-01-01T00:00:00Z")
+    body, properties = job.encode()
+    assert properties.delivery_mode == 2 and properties.message_id == "j1"
+    decoded = JobMessage.decode(body, properties)
+    assert decoded == job
+    retry = decoded.next_attempt()
+    assert retry.attempt == 2 and retry.enqueued_at == job.enqueued_at
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "reason"),
+    [
+        (b"{not json", {HEADER_SCHEMA_VERSION: 1}, "unparseable"),
+        (b"[1]", {HEADER_SCHEMA_VERSION: 1}, "unparseable"),
+        (b'{"v":1,"id":"x"}', {HEADER_SCHEMA_VERSION: 1}, "malformed"),
+        (b'{"v":1,"id":"x","type":"echo","payload":[],"client":"c","created_at":"t"}', {HEADER_SCHEMA_VERSION: 1},
+         "malformed"),
+        (b'{"v":1,"id":"x","type":"echo","payload":{},"client":"c","created_at":"t"}', {}, "schema_version"),
+        (b'{"v":2,"id":"x","type":"echo","payload":{},"client":"c","created_at":"t"}', {HEADER_SCHEMA_VERSION: 1},
+         "schema_version"),
+        (b'{"v":1,"id":"x","type":"echo","payload":{},"client":"c","created_at":"t"}',
+         {HEADER_SCHEMA_VERSION: 1, HEADER_ATTEMPT: "many"}, "malformed"),
+    ],
+)
+def test_poison_messages(body, headers, reason):
+    with pytest.raises(PoisonMessage) as info:
+        JobMessage.decode(body, pika.BasicProperties(headers=headers))
+    assert info.value.reason == reason
+
+
+def test_every_job_type_has_a_schema_and_a_handler():
+    from service_app.jobs import HANDLERS, check_catalog
+
+    check_catalog()
+    assert set(HANDLERS) == set(JOB_TYPES)
+
+
+def test_handler_for_unknown_type_is_refused():
+    from service_app.jobs import job
+
+    with pytest.raises(ValueError, match="no payload schema"):
+        job("not-in-the-catalog")
+
+
+@pytest.mark.parametrize(
+    ("delay", "tier"), [(0, 100), (0.05, 100), (0.1, 100), (0.19, 100), (0.2, 200), (1.0, 800), (300, 204800),
+                        (10**6, topology.DELAY_TIERS_MS[-1])]
+)
+def test_delay_tier_never_longer_than_the_delay(delay, tier):
+    assert topology.delay_tier_ms(delay) == tier
+
+
+def test_topology_is_quorum_with_dead_lettering():
+    queues = {q.name: q.arguments for q in topology.QUEUES}
+    assert all(args["x-queue-type"] == "quorum" for args in queues.values())
+    assert queues["jobs"]["x-dead-letter-exchange"] == topology.DEAD_LETTER_EXCHANGE
+    assert queues["jobs"]["x-delivery-limit"] == topology.BROKER_DELIVERY_LIMIT
+    for tier in topology.DELAY_TIERS_MS:
+        args = queues[topology.delay_queue_name(tier)]
+        assert args["x-dead-letter-exchange"] == topology.EXCHANGE
+        assert args["x-dead-letter-routing-key"] == topology.ROUTING_KEY
+    bound = {(b.exchange, b.queue) for b in topology.BINDINGS}
+    assert all((e, q) in bound for e, q in [("jobs", "jobs"), ("jobs.dlx", "jobs.dead")])
+    definitions = topology.definitions()
+    assert len(definitions["queues"]) == len(topology.QUEUES)
