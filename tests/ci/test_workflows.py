@@ -1,0 +1,191 @@
+"""Policy of the GitHub Actions files: pinning, permissions, concurrency, timeouts, secrets, what runs where."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ciparse import ROOT, WORKFLOWS_DIR, load_yaml, make_invocations, make_targets, triggers, workflow_paths
+from lint_skips import SkipListError, load_skips
+
+USES_RE = re.compile(r"^\s*(?:-\s*)?uses:\s*(?P<ref>[^\s#]+)\s*(?:#\s*(?P<comment>.*))?$", re.MULTILINE)
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+VERSION_COMMENT_RE = re.compile(r"^v\d+\.\d+\.\d+$")
+ALLOWED_SECRETS = {"DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN"}
+
+
+def _uses() -> list[tuple[str, str, str | None]]:
+    found = []
+    for path in workflow_paths():
+        for match in USES_RE.finditer(path.read_text(encoding="utf-8")):
+            found.append((path.name, match["ref"], (match["comment"] or "").strip() or None))
+    return found
+
+
+def _jobs(workflows):
+    for name, workflow in workflows.items():
+        for job_id, job in workflow["jobs"].items():
+            yield name, job_id, job
+
+
+def _make_goals(workflow: dict) -> set[str]:
+    goals = set()
+    for job in workflow["jobs"].values():
+        for step in job.get("steps") or []:
+            for args in make_invocations(step.get("run", "")):
+                goals.update(make_targets(args))
+    return goals
+
+
+def test_the_three_workflows_exist(workflows):
+    assert {"ci.yml", "images.yml", "e2e.yml"} <= set(workflows)
+
+
+def test_every_action_is_pinned_by_full_sha_with_version_comment():
+    uses = _uses()
+    assert uses
+    problems = []
+    for workflow, ref, comment in uses:
+        if ref.startswith("./"):
+            continue
+        assert not ref.startswith("docker://") or "@sha256:" in ref, f"{workflow}: {ref} not pinned by digest"
+        action, _, version = ref.partition("@")
+        if not SHA_RE.match(version):
+            problems.append(f"{workflow}: {ref} is not pinned by a full commit SHA")
+        elif not comment or not VERSION_COMMENT_RE.match(comment):
+            problems.append(f"{workflow}: {action}@{version[:7]} needs a `# vX.Y.Z` comment, got {comment!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_an_action_has_one_pin_across_workflows():
+    pins: dict[str, set[str]] = {}
+    for _, ref, comment in _uses():
+        action, _, version = ref.partition("@")
+        pins.setdefault(action, set()).add(f"{version} # {comment}")
+    assert {a: p for a, p in pins.items() if len(p) > 1} == {}
+
+
+def test_every_job_has_a_timeout(workflows):
+    for name, job_id, job in _jobs(workflows):
+        timeout = job.get("timeout-minutes")
+        assert isinstance(timeout, int) and 0 < timeout <= 90, f"{name}:{job_id}: timeout-minutes {timeout!r}"
+
+
+def test_permissions_are_read_only(workflows):
+    for name, workflow in workflows.items():
+        assert workflow.get("permissions") == {"contents": "read"}, f"{name}: top-level permissions"
+    for name, job_id, job in _jobs(workflows):
+        permissions = job.get("permissions", {})
+        assert isinstance(permissions, dict), f"{name}:{job_id}: permissions {permissions!r}"
+        assert "write" not in permissions.values(), f"{name}:{job_id}: writes {permissions}"
+
+
+def test_superseded_runs_are_cancelled(workflows):
+    for name, workflow in workflows.items():
+        concurrency = workflow.get("concurrency") or {}
+        assert "github.ref" in str(concurrency.get("group")), f"{name}: concurrency group per ref"
+        assert concurrency.get("cancel-in-progress") is True, f"{name}: cancel-in-progress"
+
+
+def test_checkout_does_not_persist_credentials(workflows):
+    for name, job_id, job in _jobs(workflows):
+        for step in job.get("steps") or []:
+            if str(step.get("uses", "")).startswith("actions/checkout@"):
+                assert (step.get("with") or {}).get("persist-credentials") is False, f"{name}:{job_id}"
+
+
+def test_only_the_docker_hub_secrets_and_only_in_images(workflows):
+    for path in workflow_paths():
+        text = path.read_text(encoding="utf-8")
+        used = set(re.findall(r"secrets\.([A-Za-z0-9_]+)", text))
+        assert "secrets: inherit" not in text
+        if path.name == "images.yml":
+            assert used == ALLOWED_SECRETS, f"{path.name}: {sorted(used)}"
+        else:
+            assert not used, f"{path.name} must not use secrets: {sorted(used)}"
+
+
+def test_ci_runs_lint_tests_k8s_proof_and_image_tests(workflows):
+    ci = workflows["ci.yml"]
+    assert {"pull_request", "push"} <= set(triggers(ci))
+    assert {"lint", "test", "test-k8s", "test-images"} <= _make_goals(ci)
+
+
+def test_ci_caches_pip_and_uploads_reports(workflows):
+    for job_id, job in workflows["ci.yml"]["jobs"].items():
+        steps = job["steps"]
+        setup = [s for s in steps if str(s.get("uses", "")).startswith("actions/setup-python@")]
+        assert setup and setup[0]["with"].get("cache") == "pip", f"ci.yml:{job_id}: pip cache"
+        uploads = [s for s in steps if str(s.get("uses", "")).startswith("actions/upload-artifact@")]
+        assert uploads and "reports/" in str(uploads[0]["with"]["path"]), f"ci.yml:{job_id}: upload reports/"
+        assert uploads[0].get("if") == "${{ !cancelled() }}", f"ci.yml:{job_id}: upload on failure too"
+
+
+def test_images_build_multi_arch_with_attestations_and_push_only_outside_pull_requests(workflows):
+    images = workflows["images.yml"]
+    on = triggers(images)
+    assert "pull_request" in on and on["push"]["branches"] == ["main"] and on["push"]["tags"]
+    (job,) = images["jobs"].values()
+    assert {entry["dockerfile"] for entry in job["strategy"]["matrix"]["include"]} == {
+        "main-app/Dockerfile",
+        "service-app/Dockerfile",
+    }
+    assert job["env"]["PUSH"] == "${{ github.event_name != 'pull_request' }}"
+    steps = {str(s.get("uses", "")).split("@")[0]: s for s in job["steps"]}
+    assert steps["docker/login-action"]["if"] == "${{ env.PUSH == 'true' }}"
+    build = steps["docker/build-push-action"]["with"]
+    assert build["context"] == "."
+    assert build["platforms"] == "linux/amd64,linux/arm64"
+    assert build["push"] == "${{ env.PUSH == 'true' }}"
+    assert build["sbom"] is True and build["provenance"] == "mode=max"
+    assert "type=registry" in build["cache-from"] and "type=registry" in build["cache-to"]
+    tags = steps["docker/metadata-action"]["with"]["tags"]
+    for tag in ("type=sha", "type=semver,pattern={{version}}", "type=raw,value=latest,enable={{is_default_branch}}"):
+        assert tag in tags
+    assert "latest=false" in steps["docker/metadata-action"]["with"]["flavor"]
+
+
+def test_e2e_runs_cluster_deploy_smoke_and_locust_and_collects_logs(workflows):
+    e2e = workflows["e2e.yml"]
+    assert {"cluster-up", "deploy", "loadtest", "cluster-down"} <= _make_goals(e2e)
+    steps = e2e["jobs"]["e2e"]["steps"]
+    scripts = "\n".join(s.get("run", "") for s in steps)
+    assert "PROFILE=ci" in scripts and "rollout status" in scripts
+    assert "scaledobjects" in scripts and "hpa" in scripts
+    assert any(s.get("if") == "${{ failure() }}" and "logs" in s.get("run", "") for s in steps)
+    assert steps[-1].get("if") == "${{ always() }}" and "make cluster-down" in steps[-1]["run"]
+
+
+def test_dependabot_covers_pip_docker_and_actions():
+    config = load_yaml(ROOT / ".github" / "dependabot.yml")
+    ecosystems = {}
+    for update in config["updates"]:
+        dirs = update.get("directories") or [update["directory"]]
+        ecosystems.setdefault(update["package-ecosystem"], []).extend(dirs)
+    assert {"pip", "docker", "github-actions"} <= set(ecosystems)
+    for ecosystem, dirs in ecosystems.items():
+        for directory in dirs:
+            assert (ROOT / directory.lstrip("/")).is_dir(), f"dependabot {ecosystem}: {directory} does not exist"
+    for directory in ecosystems["docker"]:
+        assert (ROOT / directory.lstrip("/") / "Dockerfile").is_file()
+
+
+def test_checkov_skips_all_have_reasons():
+    load_skips(ROOT / ".github" / "lint-skips.yaml", "checkov")
+
+
+def test_a_skip_without_reason_is_refused(tmp_path):
+    skips = tmp_path / "skips.yaml"
+    skips.write_text("checkov:\n  - id: CKV_GHA_1\n", encoding="utf-8")
+    with pytest.raises(SkipListError, match="no reason"):
+        load_skips(skips, "checkov")
+    skips.write_text("checkov:\n  - id: CKV_GHA_1\n    reason: because\n", encoding="utf-8")
+    assert [e["id"] for e in load_skips(skips, "checkov")] == ["CKV_GHA_1"]
+
+
+def test_docs_explain_triggers_secrets_and_namespace():
+    doc = (ROOT / "docs" / "ci-cd.md").read_text(encoding="utf-8")
+    for needle in ("DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN", "DOCKERHUB_NAMESPACE", *(p.name for p in workflow_paths())):
+        assert needle in doc, f"docs/ci-cd.md does not mention {needle}"
+    assert WORKFLOWS_DIR.is_dir()
