@@ -56,6 +56,7 @@ if [[ $EUID -ne 0 ]]; then
 fi
 if ! command -v debootstrap >/dev/null; then
   log "installing debootstrap"
+  apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
 fi
 
@@ -114,6 +115,9 @@ tar -C "$rootfs" --numeric-owner -cf - . | "$DOCKER" import \
   --change "LABEL org.opencontainers.image.description=\"Local stand-in for python:3.11-slim-bookworm (debootstrap $SUITE + python3)\"" \
   --change 'CMD ["python3"]' \
   - "$TAG" >/dev/null
+
+# Old bases (and app images built on them) left untagged: free their space.
+"$DOCKER" image prune -f --filter label=local.base.key >/dev/null || true
 
 mkdir -p "$CACHE_DIR"
 rm -f "$CACHE_DIR"/python-base-"$SUITE"-*.tar.gz

@@ -30,9 +30,16 @@ ensure_installed() {
   if [[ $EUID -ne 0 ]]; then log "error: dockerd is not installed and this is not root"; exit 1; fi
   log "installing Debian's docker.io"
   export DEBIAN_FRONTEND=noninteractive
+  # Keep the package's init script from starting a system dockerd (default
+  # data-root, no ulimit default): this script starts its own below.
+  local created_policy=
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    created_policy=1
+  fi
   apt-get update -q >/dev/null
-  # policy-rc.d may refuse to start the service here; we start dockerd ourselves.
-  apt-get install -y -q docker.io >/dev/null
+  apt-get install -y -q docker.io >/dev/null || { [[ -n "$created_policy" ]] && rm -f /usr/sbin/policy-rc.d; exit 1; }
+  if [[ -n "$created_policy" ]]; then rm -f /usr/sbin/policy-rc.d; fi
 }
 
 start() {
