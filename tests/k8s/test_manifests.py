@@ -300,3 +300,23 @@ def test_no_default_credentials_in_repo():
             continue
         text = path.read_text()
         assert "guest:guest" not in text and "RABBITMQ_DEFAULT_PASS=" not in text, path
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_mounted_secrets_are_readable_by_the_pod_user(rendered, variant):
+    """Secret/ConfigMap volumes are owned by root (group = fsGroup): a non-root pod can
+    read them only through the group or world bits."""
+    docs = list(rendered[variant])
+    docs += [d for d in yaml.safe_load_all((Path(__file__).resolve().parents[2] / "k8s/verify/smoke-job.yaml").read_text()) if d]
+    for obj in docs:
+        if obj["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = pod_spec(obj)
+        fs_group = spec.get("securityContext", {}).get("fsGroup")
+        for vol in spec.get("volumes", []):
+            src = vol.get("secret") or vol.get("configMap")
+            if src is None:
+                continue
+            mode = src.get("defaultMode", 0o644)
+            readable = bool(mode & 0o004) or (fs_group is not None and bool(mode & 0o040))
+            assert readable, f"{obj['kind']}/{obj['metadata']['name']} volume {vol['name']}: mode {oct(mode)}, fsGroup {fs_group}"
