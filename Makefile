@@ -44,6 +44,16 @@ services-deps: ## Install RabbitMQ and Redis servers (Debian packages) when miss
 run: venv services-deps ## Run the whole stack locally: RabbitMQ, Redis, main-app on :8000, WORKERS service-app workers
 	@$(PY) scripts/devstack.py run --workers $(WORKERS) --run-dir $(RUN_DIR)
 
+.PHONY: lock
+lock: ## Re-resolve the hash-pinned requirements from the *.in files (needs PyPI)
+	$(PYTHON) -m venv .tools/pip-tools && .tools/pip-tools/bin/pip install --quiet pip-tools==7.6.2
+	for dir in main-app service-app requirements; do \
+	  in=$$(ls $$dir/*.in | head -1); \
+	  (cd $$dir && PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= ../.tools/pip-tools/bin/pip-compile --quiet --generate-hashes \
+	    --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	    -o $$(basename $$in .in).txt $$(basename $$in)); \
+	done
+
 ##@ Tests
 
 .PHONY: test

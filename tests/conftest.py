@@ -46,7 +46,7 @@ def rabbit(tmp_root: Path) -> Iterator[RabbitNode]:
     node = RabbitNode(tmp_root / "rabbitmq", name=f"jobs-test-{os.getpid()}")
     node.start()
     yield node
-    node.stop()
+    node.kill()  # its data is thrown away: no need for a graceful stop
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +233,7 @@ def private_rabbit(tmp_path: Path) -> Iterator[RabbitNode]:
     node = RabbitNode(tmp_path / "rabbitmq-own", name=f"jobs-own-{os.getpid()}-{free_port()}")
     node.start()
     yield node
-    node.stop()
+    node.kill()
 
 
 @pytest.fixture

@@ -59,7 +59,9 @@ class Worker:
         self.store_ok.set()
         self._lock = threading.Lock()
         self._running = 0  # jobs executing now
-        self._unsettled = 0  # messages handed to the pool and not yet settled
+        # Messages handed to the pool and not yet settled, per connection. Those of a
+        # lost connection are requeued by the broker, so only the current one counts.
+        self._unsettled: dict[int, int] = {}
         self._generation = 0
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
@@ -109,6 +111,7 @@ class Worker:
         with self._lock:
             self._generation += 1
             generation = self._generation
+            self._unsettled = {generation: 0}
         channel.basic_consume(topology.QUEUE, on_message_callback=partial(self._on_message, generation))
         self.connected.set()
         log.info("consuming from %r (concurrency %d, prefetch %d)", topology.QUEUE, self.settings.concurrency,
@@ -154,12 +157,12 @@ class Worker:
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
         with self._lock:
-            self._unsettled += 1
+            self._unsettled[generation] = self._unsettled.get(generation, 0) + 1
         self.executor.submit(self._process, generation, method.delivery_tag, job)
 
     def _settle(self, generation: int, delivery_tag: int, job: JobMessage, settle: Settle) -> None:
+        self._release(generation)
         with self._lock:
-            self._unsettled -= 1
             current = generation == self._generation
         if not current or self._channel is None or not self._channel.is_open:
             return  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
@@ -179,7 +182,12 @@ class Worker:
 
     def _unsettled_count(self) -> int:
         with self._lock:
-            return self._unsettled
+            return self._unsettled.get(self._generation, 0)
+
+    def _release(self, generation: int) -> None:
+        with self._lock:
+            if generation in self._unsettled:
+                self._unsettled[generation] -= 1
 
     def _close_quietly(self) -> None:
         self.connected.clear()
@@ -209,14 +217,12 @@ class Worker:
             log.exception("job %s: unexpected worker error; the message will be redelivered", job.id)
         connection = self._connection
         if settle is None or connection is None:
-            with self._lock:
-                self._unsettled -= 1
+            self._release(generation)
             return
         try:
             connection.add_callback_threadsafe(partial(self._settle, generation, delivery_tag, job, settle))
         except Exception:  # connection closed meanwhile: redelivered later
-            with self._lock:
-                self._unsettled -= 1
+            self._release(generation)
 
     def _run(self, job: JobMessage) -> Settle:
         settings = self.settings

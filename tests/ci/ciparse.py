@@ -15,8 +15,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = ROOT / ".github" / "workflows"
 
+# A redirection with its target (`>file`, `2>&1`, `< in`): not an argument of the command.
+_REDIRECTION_RE = re.compile(r"(?<!\S)\d*(?:>>|>|<)&?\s*[^\s;&|()]+")
 # Words after which a new simple command starts (besides ; && || | ( and a new line).
-_COMMAND_PREFIXES = {"then", "do", "else", "elif", "if", "while", "until", "!", "time", "sudo", "exec", "command"}
+_COMMAND_PREFIXES = {
+    "then", "do", "else", "elif", "if", "while", "until", "!", "time", "sudo", "exec", "command", "setsid", "nohup",
+}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ def make_invocations(script: str) -> list[list[str]]:
     """The argument lists of every `make` command in a shell script."""
     calls = []
     for line in logical_lines(script):
+        line = _REDIRECTION_RE.sub(" ", line)
         lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|()")
         lexer.whitespace_split = True
         lexer.commenters = "#"

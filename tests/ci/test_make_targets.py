@@ -68,6 +68,8 @@ def test_run_steps_use_make_not_the_tools(all_run_steps):
     [
         ("make lint", [["lint"]]),
         ("sudo make services-deps", [["services-deps"]]),
+        ("setsid make run >run.log 2>&1 &", [["run"]]),
+        ("make lint 2> err.log | tee out.log", [["lint"]]),
         ('make test PYTEST_ARGS="--junitxml=a b.xml"', [["test", "PYTEST_ARGS=--junitxml=a b.xml"]]),
         ("set -e\nmake cluster-up && make deploy PROFILE=ci", [["cluster-up"], ["deploy", "PROFILE=ci"]]),
         ("if true; then make \\\n  loadtest HOST=http://127.0.0.1:8000; fi", [["loadtest", "HOST=http://127.0.0.1:8000"]]),

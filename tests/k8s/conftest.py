@@ -1,4 +1,5 @@
 """Shared fixtures for the Kubernetes proof: rendered manifests, tool paths, schemas."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,9 @@ def render_dir(path: Path) -> list[dict]:
 
 def ensure_secrets() -> None:
     for overlay in ("dev", "ci"):
-        subprocess.run([sys.executable, str(K8S / "scripts" / "gen-secrets.py"), str(K8S / "overlays" / overlay)], check=True)
+        subprocess.run(
+            [sys.executable, str(K8S / "scripts" / "gen-secrets.py"), str(K8S / "overlays" / overlay)], check=True
+        )
 
 
 def render_variant(name: str) -> list[dict]:
@@ -51,12 +54,12 @@ def render_variant(name: str) -> list[dict]:
         return render_dir(K8S / "overlays" / name)
     spec = VARIANTS[name]
     with tempfile.TemporaryDirectory(prefix=f"k8s-{name}-") as tmp:
-        rel = lambda p: os.path.relpath(ROOT / p, tmp)  # kustomize wants relative paths
+        # kustomize wants paths relative to the kustomization
         doc = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
-            "resources": [rel(p) for p in spec["resources"]],
-            "components": [rel(p) for p in spec["components"]],
+            "resources": [os.path.relpath(ROOT / p, tmp) for p in spec["resources"]],
+            "components": [os.path.relpath(ROOT / p, tmp) for p in spec["components"]],
         }
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(doc))
         return render_dir(Path(tmp))
@@ -92,5 +95,7 @@ def pod_spec(obj: dict) -> dict:
 @pytest.fixture(scope="session")
 def schemas_dir() -> Path:
     if not SCHEMAS.is_dir():
-        pytest.skip(f"reference schemas not found at {SCHEMAS} (../shared/schemas is only present in the team workspace)")
+        pytest.skip(
+            f"reference schemas not found at {SCHEMAS} (../shared/schemas is only present in the team workspace)"
+        )
     return SCHEMAS

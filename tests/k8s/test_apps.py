@@ -12,6 +12,7 @@ the apps read is set or defaulted, every variable set is read; shared variables 
 the metric names used by KEDA and the PrometheusRules are exposed by the running apps
 and RabbitMQ; the smoke-test Job's script passes against the running system.
 """
+
 from __future__ import annotations
 
 import ast
@@ -43,6 +44,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 # ----------------------------------------------------------------- env var scanning
 
+
 def env_reads(app: str) -> dict[str, bool]:
     """{NAME: has_default} for every environment variable the app's code reads."""
     found: dict[str, bool] = {}
@@ -54,10 +56,16 @@ def env_reads(app: str) -> dict[str, bool]:
         for path in pkg.rglob("*.py"):
             tree = ast.parse(path.read_text(), str(path))
             for node in ast.walk(tree):
-                if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
-                        and isinstance(node.args[0].value, str):
+                if (
+                    isinstance(node, ast.Call)
+                    and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)
+                ):
                     func = node.func
-                    fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                    fname = (
+                        func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                    )
                     target = ast.unparse(func)
                     if fname in ENV_READERS:
                         note(node.args[0].value, True)
@@ -65,8 +73,11 @@ def env_reads(app: str) -> dict[str, bool]:
                         note(node.args[0].value, True)  # optional: None/default when unset
                     elif target in ("os.environ.setdefault", "environ.setdefault"):
                         note(node.args[0].value, True)
-                elif isinstance(node, ast.Subscript) and ast.unparse(node.value) in ("os.environ", "environ") \
-                        and isinstance(node.slice, ast.Constant):
+                elif (
+                    isinstance(node, ast.Subscript)
+                    and ast.unparse(node.value) in ("os.environ", "environ")
+                    and isinstance(node.slice, ast.Constant)
+                ):
                     note(node.slice.value, False)
     return found
 
@@ -130,13 +141,18 @@ def test_shared_settings_agree(rendered, overlay):
     both = set(env_reads("main-app")) & set(env_reads("service-app"))
     per_app = {"METRICS_HOST", "METRICS_PORT", "DECLARE_TOPOLOGY"}
     for name in sorted(both - per_app):
-        assert main.get(name) == worker.get(name), f"{name}: main-app {main.get(name)!r} != service-app {worker.get(name)!r}"
+        assert main.get(name) == worker.get(name), (
+            f"{name}: main-app {main.get(name)!r} != service-app {worker.get(name)!r}"
+        )
 
 
 @pytest.mark.parametrize("overlay", ["dev", "ci", "prod"])
 def test_port_variables_equal_container_ports(rendered, overlay):
     docs = rendered[overlay]
-    expected = {"main-app": {"http": "HTTP_PORT", "metrics": "METRICS_PORT"}, "service-app": {"metrics": "METRICS_PORT"}}
+    expected = {
+        "main-app": {"http": "HTTP_PORT", "metrics": "METRICS_PORT"},
+        "service-app": {"metrics": "METRICS_PORT"},
+    }
     for app, ports in expected.items():
         (container,) = pod_spec(find(docs, "Deployment", app))["containers"]
         env = {}
@@ -159,11 +175,15 @@ def test_app_defaults_equal_container_ports():
             for path in pkg.rglob("*.py"):
                 for m in re.finditer(r"env_int\(\s*['\"](HTTP_PORT|METRICS_PORT)['\"]\s*,\s*(\d+)", path.read_text()):
                     reads[(app, m.group(1))] = int(m.group(2))
-    assert reads == {("main-app", "HTTP_PORT"): 8000, ("main-app", "METRICS_PORT"): 9100,
-                     ("service-app", "METRICS_PORT"): 9101}
+    assert reads == {
+        ("main-app", "HTTP_PORT"): 8000,
+        ("main-app", "METRICS_PORT"): 9100,
+        ("service-app", "METRICS_PORT"): 9101,
+    }
 
 
 # ----------------------------------------------------------------- running system
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -212,7 +232,8 @@ def backends(tmp_path_factory):
         rabbit.start(timeout=90)
         redis.start()
     except Exception as exc:  # noqa: BLE001
-        rabbit.stop(); redis.stop()
+        rabbit.stop()
+        redis.stop()
         pytest.fail(f"private RabbitMQ/Redis did not start ({exc}); `make services-deps` installs them")
     yield rabbit, redis
     rabbit.stop()
@@ -223,8 +244,9 @@ class App:
     def __init__(self, name, cmd, env, log):
         self.name = name
         self.log = log
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def stop(self):
         if self.proc.poll() is None:
@@ -246,22 +268,40 @@ def system(rendered, backends, tmp_path_factory):
     docs = rendered["ci"]
     work = tmp_path_factory.mktemp("apps")
     token_file = work / "tokens"
-    token_file.write_text(find(docs, "Secret", "main-app-api-tokens")["data"] and
-                          base64.b64decode(find(docs, "Secret", "main-app-api-tokens")["data"]["tokens"]).decode())
+    token_file.write_text(
+        find(docs, "Secret", "main-app-api-tokens")["data"]
+        and base64.b64decode(find(docs, "Secret", "main-app-api-tokens")["data"]["tokens"]).decode()
+    )
     ports = {"http": free_port(), "main-metrics": free_port(), "worker-metrics": free_port()}
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '/usr/bin:/bin')}"
-    main_env = {**base_env, **container_env(docs, "main-app"),
-                "RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url, "API_TOKENS_FILE": str(token_file),
-                "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(ports["http"]),
-                "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(ports["main-metrics"]),
-                "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics")}
-    worker_env = {**base_env, **container_env(docs, "service-app"),
-                  "RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url,
-                  "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(ports["worker-metrics"])}
+    main_env = {
+        **base_env,
+        **container_env(docs, "main-app"),
+        "RABBITMQ_URL": rabbit.url,
+        "REDIS_URL": redis.url,
+        "API_TOKENS_FILE": str(token_file),
+        "HTTP_HOST": "127.0.0.1",
+        "HTTP_PORT": str(ports["http"]),
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(ports["main-metrics"]),
+        "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics"),
+    }
+    worker_env = {
+        **base_env,
+        **container_env(docs, "service-app"),
+        "RABBITMQ_URL": rabbit.url,
+        "REDIS_URL": redis.url,
+        "METRICS_HOST": "127.0.0.1",
+        "METRICS_PORT": str(ports["worker-metrics"]),
+    }
     apps = [
-        App("main-app", [str(VENV_BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
-            main_env, work / "main-app.log"),
+        App(
+            "main-app",
+            [str(VENV_BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
+            main_env,
+            work / "main-app.log",
+        ),
         App("service-app", [str(VENV_BIN / "python"), "-m", "service_app"], worker_env, work / "service-app.log"),
     ]
     try:
@@ -281,8 +321,11 @@ def system(rendered, backends, tmp_path_factory):
 
 def test_probe_paths_answer_on_the_probed_ports(system):
     docs = system["docs"]
-    port_of = {("main-app", "http"): system["ports"]["http"], ("main-app", "metrics"): system["ports"]["main-metrics"],
-               ("service-app", "metrics"): system["ports"]["worker-metrics"]}
+    port_of = {
+        ("main-app", "http"): system["ports"]["http"],
+        ("main-app", "metrics"): system["ports"]["main-metrics"],
+        ("service-app", "metrics"): system["ports"]["worker-metrics"],
+    }
     for app in ("main-app", "service-app"):
         (container,) = pod_spec(find(docs, "Deployment", app))["containers"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -302,19 +345,47 @@ def test_smoke_job_script_passes_against_the_running_apps(system):
     job = yaml.safe_load((ROOT / "k8s/verify/smoke-job.yaml").read_text())
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"][:2] == ["python3", "-c"]
-    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]},
-           "BASE_URL": f"http://127.0.0.1:{system['ports']['http']}",
-           "API_TOKENS_FILE": str(system["token_file"]), "SMOKE_TIMEOUT_SECONDS": "60"}
-    proc = subprocess.run([sys.executable, "-c", container["command"][2]], env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        **os.environ,
+        **{e["name"]: e["value"] for e in container["env"]},
+        "BASE_URL": f"http://127.0.0.1:{system['ports']['http']}",
+        "API_TOKENS_FILE": str(system["token_file"]),
+        "SMOKE_TIMEOUT_SECONDS": "60",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", container["command"][2]], env=env, capture_output=True, text=True, timeout=120
+    )
     logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in system["apps"])
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     assert proc.stdout.count("ok   ") == 6
 
 
-PROMQL_NON_METRICS = {"sum", "rate", "avg", "count", "by", "on", "avg_over_time", "histogram_quantile", "clamp_min",
-                      "increase", "le", "namespace", "pod", "queue", "route", "status", "outcome", "reason", "type",
-                      "method", "vhost", "humanize", "humanizeDuration", "humanizePercentage"}
+PROMQL_NON_METRICS = {
+    "sum",
+    "rate",
+    "avg",
+    "count",
+    "by",
+    "on",
+    "avg_over_time",
+    "histogram_quantile",
+    "clamp_min",
+    "increase",
+    "le",
+    "namespace",
+    "pod",
+    "queue",
+    "route",
+    "status",
+    "outcome",
+    "reason",
+    "type",
+    "method",
+    "vhost",
+    "humanize",
+    "humanizeDuration",
+    "humanizePercentage",
+}
 
 
 def metric_names_used(docs) -> set[str]:
@@ -346,8 +417,12 @@ def test_metric_names_in_keda_and_rules_are_exposed(system):
     p = system["ports"]
     # Traffic first, so labelled series exist (multiprocess mode only reports observed ones).
     token = system["token_file"].read_text().strip()
-    req = urllib.request.Request(f"http://127.0.0.1:{p['http']}/jobs", data=b'{"type":"echo","payload":{}}',
-                                 method="POST", headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{p['http']}/jobs",
+        data=b'{"type":"echo","payload":{}}',
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status == 202
     deadline = time.monotonic() + 30
@@ -357,10 +432,14 @@ def test_metric_names_in_keda_and_rules_are_exposed(system):
         sources = {
             "main-app": get(f"http://127.0.0.1:{p['main-metrics']}/metrics")[1],
             "service-app": get(f"http://127.0.0.1:{p['worker-metrics']}/metrics")[1],
-            "rabbitmq": get(f"http://127.0.0.1:{rabbit.prometheus_port}/metrics/detailed?family=queue_coarse_metrics")[1],
+            "rabbitmq": get(f"http://127.0.0.1:{rabbit.prometheus_port}/metrics/detailed?family=queue_coarse_metrics")[
+                1
+            ],
         }
-        if "jobs_worker_job_latency_seconds_bucket{" in sources["service-app"] and \
-                'queue="jobs"' in sources["rabbitmq"]:
+        if (
+            "jobs_worker_job_latency_seconds_bucket{" in sources["service-app"]
+            and 'queue="jobs"' in sources["rabbitmq"]
+        ):
             break
         time.sleep(1)
     exposed = set().union(*(exposed_names(t) for t in sources.values()))

@@ -1,5 +1,6 @@
 """checkov (offline, --skip-download) on every rendered overlay/variant plus the
 smoke-test Job. Tolerated failures are listed with reasons in checkov-skips.yaml."""
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,21 @@ def test_checkov(rendered, variant, tmp_path):
     manifest = tmp_path / f"{variant}.yaml"
     manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
     proc = subprocess.run(
-        [checkov(), "--skip-download", "--framework", "kubernetes", "--quiet", "--compact",
-         "-o", "json", "-f", str(manifest)],
-        capture_output=True, text=True, timeout=600,
+        [
+            checkov(),
+            "--skip-download",
+            "--framework",
+            "kubernetes",
+            "--quiet",
+            "--compact",
+            "-o",
+            "json",
+            "-f",
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.stdout.strip(), f"checkov produced no report:\n{proc.stderr[-2000:]}"
     report = json.loads(proc.stdout)

@@ -1,5 +1,6 @@
 """Render every overlay and validate each object strictly, then check the invariants
 the design relies on (security profile, probes, autoscaling ownership, HA broker)."""
+
 from __future__ import annotations
 
 import copy
@@ -39,7 +40,9 @@ def test_builtin_objects_valid_strict(rendered, variant, version):
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
             if crd_key(obj) not in CRD_FILES:
-                errors.append(f"{obj['apiVersion']} {obj['kind']}/{obj['metadata']['name']}: no schema in Kubernetes {version}")
+                errors.append(
+                    f"{obj['apiVersion']} {obj['kind']}/{obj['metadata']['name']}: no schema in Kubernetes {version}"
+                )
         except kubernetes_validate.ValidationError as exc:
             errors.append(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
     assert not errors, "\n".join(errors)
@@ -47,7 +50,12 @@ def test_builtin_objects_valid_strict(rendered, variant, version):
 
 def test_validator_is_strict():
     """Negative controls: the validator really rejects what it should."""
-    pdb = {"apiVersion": "policy/v1beta1", "kind": "PodDisruptionBudget", "metadata": {"name": "x"}, "spec": {"maxUnavailable": 1}}
+    pdb = {
+        "apiVersion": "policy/v1beta1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": "x"},
+        "spec": {"maxUnavailable": 1},
+    }
     with pytest.raises(kubernetes_validate.SchemaNotFoundError):  # removed in 1.25
         kubernetes_validate.validate(pdb, "1.30.0", strict=True)
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"portz": []}}
@@ -62,8 +70,12 @@ def _strict(schema):
 
     def walk(node):
         if isinstance(node, dict):
-            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node \
-                    and not node.get("x-kubernetes-preserve-unknown-fields"):
+            if (
+                node.get("type") == "object"
+                and "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 walk(value)
@@ -102,8 +114,12 @@ def test_custom_resources_match_crds(rendered, variant, schemas_dir):
 
 def test_crd_validation_catches_typos(schemas_dir):
     schema = _crd_schema(schemas_dir, "keda.sh", "ScaledObject", "v1alpha1")
-    bad = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-           "spec": {"scaleTargetRef": {"name": "x"}, "maxReplicas": 3, "triggers": [{"type": "cpu", "metadata": {}}]}}
+    bad = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"name": "x"}, "maxReplicas": 3, "triggers": [{"type": "cpu", "metadata": {}}]},
+    }
     assert list(jsonschema.Draft7Validator(schema).iter_errors(bad))
 
 
@@ -176,8 +192,15 @@ def test_autoscaled_deployments_have_no_replicas(rendered, variant):
 def test_worker_grace_period_exceeds_drain(rendered, variant):
     docs = rendered[variant]
     dep = find(docs, "Deployment", "service-app")
-    cm = find(docs, "ConfigMap", next(o["metadata"]["name"] for o in docs
-                                       if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("service-app-config")))
+    cm = find(
+        docs,
+        "ConfigMap",
+        next(
+            o["metadata"]["name"]
+            for o in docs
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("service-app-config")
+        ),
+    )
     drain = int(cm["data"]["SHUTDOWN_GRACE_SECONDS"])
     assert pod_spec(dep)["terminationGracePeriodSeconds"] > drain + 5
 
@@ -189,16 +212,23 @@ def test_pdbs_select_pods(rendered, variant):
     workloads = [o for o in docs if o["kind"] in {"Deployment", "StatefulSet"}]
     for w in workloads:
         labels = w["spec"]["template"]["metadata"]["labels"]
-        assert any(all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items()) for p in pdbs), \
+        assert any(all(labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items()) for p in pdbs), (
             f"no PDB for {w['metadata']['name']}"
+        )
 
 
 @pytest.mark.parametrize("variant", ALL)
 def test_network_policies_default_deny_and_cover_ports(rendered, variant):
     docs = rendered[variant]
     pols = [o for o in docs if o["kind"] == "NetworkPolicy"]
-    deny = [p for p in pols if p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-            and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+    deny = [
+        p
+        for p in pols
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
     assert deny, "no default-deny policy"
     # Every container port that something must reach is opened by some ingress rule.
     opened = {}
@@ -215,8 +245,11 @@ def test_network_policies_default_deny_and_cover_ports(rendered, variant):
 
 
 def _targets(docs):
-    return find(docs, "ConfigMap", "scaling-targets") if any(
-        o["kind"] == "ConfigMap" and o["metadata"]["name"] == "scaling-targets" for o in docs) else None
+    return (
+        find(docs, "ConfigMap", "scaling-targets")
+        if any(o["kind"] == "ConfigMap" and o["metadata"]["name"] == "scaling-targets" for o in docs)
+        else None
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -287,10 +320,20 @@ def test_prod_rabbitmq_is_a_three_node_cluster(rendered):
 def test_local_overlays_single_broker_and_generated_secrets(rendered, overlay):
     docs = rendered[overlay]
     assert find(docs, "StatefulSet", "rabbitmq")["spec"]["replicas"] == 1
-    secrets = {o["metadata"]["name"].rsplit("-", 1)[0] if o["metadata"]["name"] != "main-app-api-tokens" else o["metadata"]["name"]
-               for o in docs if o["kind"] == "Secret"}
-    assert secrets == {"rabbitmq-credentials", "redis-credentials", "main-app-credentials",
-                       "service-app-credentials", "main-app-api-tokens"}
+    secrets = {
+        o["metadata"]["name"].rsplit("-", 1)[0]
+        if o["metadata"]["name"] != "main-app-api-tokens"
+        else o["metadata"]["name"]
+        for o in docs
+        if o["kind"] == "Secret"
+    }
+    assert secrets == {
+        "rabbitmq-credentials",
+        "redis-credentials",
+        "main-app-credentials",
+        "service-app-credentials",
+        "main-app-api-tokens",
+    }
 
 
 def test_no_default_credentials_in_repo():
@@ -307,7 +350,11 @@ def test_mounted_secrets_are_readable_by_the_pod_user(rendered, variant):
     """Secret/ConfigMap volumes are owned by root (group = fsGroup): a non-root pod can
     read them only through the group or world bits."""
     docs = list(rendered[variant])
-    docs += [d for d in yaml.safe_load_all((Path(__file__).resolve().parents[2] / "k8s/verify/smoke-job.yaml").read_text()) if d]
+    docs += [
+        d
+        for d in yaml.safe_load_all((Path(__file__).resolve().parents[2] / "k8s/verify/smoke-job.yaml").read_text())
+        if d
+    ]
     for obj in docs:
         if obj["kind"] not in WORKLOAD_KINDS:
             continue
@@ -319,4 +366,6 @@ def test_mounted_secrets_are_readable_by_the_pod_user(rendered, variant):
                 continue
             mode = src.get("defaultMode", 0o644)
             readable = bool(mode & 0o004) or (fs_group is not None and bool(mode & 0o040))
-            assert readable, f"{obj['kind']}/{obj['metadata']['name']} volume {vol['name']}: mode {oct(mode)}, fsGroup {fs_group}"
+            assert readable, (
+                f"{obj['kind']}/{obj['metadata']['name']} volume {vol['name']}: mode {oct(mode)}, fsGroup {fs_group}"
+            )

@@ -1,4 +1,5 @@
 """promtool check rules / test rules on the PrometheusRule as rendered by the overlays."""
+
 from __future__ import annotations
 
 import shutil
@@ -38,6 +39,7 @@ def test_promtool_check_rules(rendered, overlay, tmp_path):
 def test_promtool_test_rules(rendered, tmp_path):
     write_rules(rendered["ci"], tmp_path)
     shutil.copy(HERE / "promtool" / "rules_test.yaml", tmp_path / "rules_test.yaml")
-    proc = subprocess.run([promtool(), "test", "rules", "rules_test.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [promtool(), "test", "rules", "rules_test.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,4 +1,5 @@
 """skaffold.yaml: schema (v4beta14) and cross-checks against the repo and manifests."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -64,8 +65,12 @@ def test_kustomize_paths_and_images_used(profile):
     overlay = {"dev": "k8s/overlays/dev", "prod": "k8s/overlays/prod"}.get(profile, "k8s/overlays/ci")
     assert paths == [overlay]
     docs = render_dir(ROOT / overlay)
-    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")
-              for c in d["spec"]["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
     built = {a["image"] for a in cfg["build"]["artifacts"]}
     assert built <= images, f"built but unused: {built - images}"
     for hook in cfg["manifests"].get("hooks", {}).get("before", []):
@@ -78,15 +83,19 @@ def test_dev_sync_rules_match_sources_and_image_layout():
     the sources (the Dockerfile's COPY destinations)."""
     for art in PROFILES["dev"]["build"]["artifacts"]:
         dockerfile = (ROOT / art["docker"]["dockerfile"]).read_text()
-        dev_stage = dockerfile[re.search(r"^FROM\s+\S+\s+AS\s+dev\b", dockerfile, re.M | re.I).start():]
+        dev_stage = dockerfile[re.search(r"^FROM\s+\S+\s+AS\s+dev\b", dockerfile, re.M | re.I).start() :]
         copies = dict((src, dst) for src, dst in re.findall(r"^COPY\s+(?:--\S+\s+)*(\S+)\s+(\S+)\s*$", dev_stage, re.M))
-        files = [p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py") if ".venv" not in p.parts and ".tools" not in p.parts]
+        files = [
+            p.relative_to(ROOT).as_posix()
+            for p in ROOT.rglob("*.py")
+            if ".venv" not in p.parts and ".tools" not in p.parts
+        ]
         for rule in art["sync"]["manual"]:
             pattern = rule["src"].replace("**/", "*")
             matched = [f for f in files if fnmatch.fnmatch(f, pattern)]
             assert matched, f"sync rule {rule['src']} matches no file"
             for f in matched:
-                dest = rule["dest"].rstrip("/") + "/" + f[len(rule.get("strip", "")):]
+                dest = rule["dest"].rstrip("/") + "/" + f[len(rule.get("strip", "")) :]
                 top = f.split("/")[0] + "/" + f.split("/")[1]  # e.g. main-app/main_app
                 assert top in copies, f"{art['image']} dev stage does not COPY {top}"
                 assert dest.startswith(copies[top].rstrip("/") + "/"), (f, dest, copies[top])
@@ -115,6 +124,7 @@ def test_port_forwards_and_verify():
 
 def test_smoke_job_valid_strict():
     import kubernetes_validate
+
     job = yaml.safe_load((ROOT / "k8s/verify/smoke-job.yaml").read_text())
     for version in ("1.30.0", kubernetes_validate.latest_version()):
         kubernetes_validate.validate(job, version, strict=True)

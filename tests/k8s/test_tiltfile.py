@@ -1,10 +1,10 @@
 """Evaluate the Tiltfile with starlark-pyo3, recording every Tilt builtin call, then
 cross-check what it declares against the repo and the rendered dev overlay."""
+
 from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import starlark as sl
@@ -13,9 +13,22 @@ import yaml
 from conftest import ROOT, kubectl
 
 TILT_BUILTINS = [
-    "docker_build", "k8s_yaml", "k8s_resource", "local_resource", "local", "kustomize",
-    "decode_yaml_stream", "update_settings", "default_registry", "allow_k8s_contexts",
-    "sync", "run", "fall_back_on", "port_forward", "link", "watch_file",
+    "docker_build",
+    "k8s_yaml",
+    "k8s_resource",
+    "local_resource",
+    "local",
+    "kustomize",
+    "decode_yaml_stream",
+    "update_settings",
+    "default_registry",
+    "allow_k8s_contexts",
+    "sync",
+    "run",
+    "fall_back_on",
+    "port_forward",
+    "link",
+    "watch_file",
 ]
 
 
@@ -29,6 +42,7 @@ class Recorder:
         def call(*args, **kwargs):
             self.calls.append((name, args, kwargs))
             return getattr(self, "do_" + name, lambda *a, **k: {"_tilt": name, "args": list(a), **k})(*args, **kwargs)
+
         return call
 
     def do_kustomize(self, path, **_):
@@ -56,11 +70,14 @@ def evaluate(subcommand="up", env=None) -> Recorder:
     module.add_callable("_getenv", rec.getenv)
     dialect = sl.Dialect.extended()
     dialect.enable_top_level_stmt = True
-    globals_ = sl.Globals.extended_by([sl.LibraryExtension.Print, sl.LibraryExtension.StructType,
-                                       sl.LibraryExtension.Json])
-    prelude = (f"config = struct(tilt_subcommand={subcommand!r})\n"
-               "os = struct(getenv=_getenv)\n"
-               "TRIGGER_MODE_AUTO = 1\nTRIGGER_MODE_MANUAL = 2\n")
+    globals_ = sl.Globals.extended_by(
+        [sl.LibraryExtension.Print, sl.LibraryExtension.StructType, sl.LibraryExtension.Json]
+    )
+    prelude = (
+        f"config = struct(tilt_subcommand={subcommand!r})\n"
+        "os = struct(getenv=_getenv)\n"
+        "TRIGGER_MODE_AUTO = 1\nTRIGGER_MODE_MANUAL = 2\n"
+    )
     sl.eval(module, sl.parse("prelude", prelude, dialect), globals_)
     sl.eval(module, sl.parse("Tiltfile", (ROOT / "Tiltfile").read_text(), dialect), globals_)
     return rec
@@ -104,8 +121,9 @@ def test_docker_builds_target_dev_and_sync_real_paths(tilt):
             src, dest = s["args"]
             assert (ROOT / src).is_dir(), f"live_update sync source {src} missing"
             # the dev stage copies exactly this directory to exactly this place
-            assert re.search(rf"^COPY\s+(--\S+\s+)*{re.escape(src)}/?\s+{re.escape(dest)}/?\s*$", dev_stage, re.M), \
+            assert re.search(rf"^COPY\s+(--\S+\s+)*{re.escape(src)}/?\s+{re.escape(dest)}/?\s*$", dev_stage, re.M), (
                 f"{image}: dev stage does not COPY {src} to {dest}"
+            )
         for path in kw.get("only", []):
             assert (ROOT / path).exists()
 
@@ -126,7 +144,11 @@ def test_k8s_resources_name_real_workloads_and_ports(tilt, dev_docs):
         if args or kw.get("workload"):
             workload = args[0] if args else kw["workload"]
             assert workload in wl, f"k8s_resource {workload}: no such workload"
-            ports = {p["containerPort"] for c in wl[workload]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+            ports = {
+                p["containerPort"]
+                for c in wl[workload]["spec"]["template"]["spec"]["containers"]
+                for p in c.get("ports", [])
+            }
             for pf in kw.get("port_forwards", []):
                 assert pf["_tilt"] == "port_forward"
                 container_port = pf["args"][1] if len(pf["args"]) > 1 else pf["args"][0]
@@ -141,7 +163,9 @@ def test_k8s_resources_name_real_workloads_and_ports(tilt, dev_docs):
     for d in dev_docs:
         if d["kind"] in ("Deployment", "StatefulSet"):
             continue
-        sel = f"{d['metadata']['name']}:{d['kind'].lower()}" + ("" if d["kind"] == "Namespace" else f":{d['metadata']['namespace']}")
+        sel = f"{d['metadata']['name']}:{d['kind'].lower()}" + (
+            "" if d["kind"] == "Namespace" else f":{d['metadata']['namespace']}"
+        )
         assert sel in assigned, sel
     names = set(resources) | {c[1][0] for c in tilt.of("local_resource")}
     for kw in resources.values():

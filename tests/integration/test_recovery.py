@@ -1,0 +1,115 @@
+"""Both apps survive RabbitMQ and Redis going away, and lose nothing they accepted."""
+
+import time
+
+import pytest
+import requests
+
+from jobs_contract import JobStore
+
+
+def submit_until(api, predicate, timeout: float) -> list:
+    """Submit echo jobs every 50 ms until predicate(response) holds; return all responses."""
+    responses = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            responses.append(api.submit("echo", {"i": len(responses)}))
+        except requests.RequestException as exc:  # connection refused etc: not accepted
+            responses.append(exc)
+        if predicate(responses[-1]):
+            return responses
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout}s; last: {responses[-1]!r}")
+
+
+def accepted_ids(responses) -> list[str]:
+    return [r.json()["id"] for r in responses if isinstance(r, requests.Response) and r.status_code == 202]
+
+
+@pytest.mark.slow
+def test_broker_crash_and_restart(private_rabbit, redis_node, redis_client, start_api, start_worker):
+    api = start_api(private_rabbit.url, redis_node.url, PUBLISH_TIMEOUT_SECONDS="2")
+    worker = start_worker(private_rabbit.url, redis_node.url)
+    before = submit_until(api, lambda r: len(accepted_ids([r])) == 1, 10)
+    before += [api.submit("echo", {"n": n}) for n in range(20)]
+
+    private_rabbit.kill()
+    during = submit_until(api, lambda r: getattr(r, "status_code", None) == 503, 15)
+    outage = [r for r in during if getattr(r, "status_code", None) == 503]
+    assert outage and outage[-1].headers["Retry-After"] == "1"
+    assert requests.get(f"{api.url}/readyz", timeout=5).status_code == 503
+    assert requests.get(f"{worker.url}/readyz", timeout=5).status_code == 503
+
+    private_rabbit.start()
+    # Both recover without a restart.
+    after = submit_until(api, lambda r: getattr(r, "status_code", None) == 202, 60)
+    deadline = time.monotonic() + 30
+    while requests.get(f"{worker.url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "worker did not reconnect"
+        time.sleep(0.2)
+
+    ids = accepted_ids(before + during + after)
+    assert len(ids) >= 22
+    for job_id in ids:  # every 202 reaches a final state
+        assert api.wait_final(job_id, timeout=60)["status"] == "succeeded"
+    assert float(_metric(worker.url, "jobs_worker_broker_reconnects_total")) >= 1
+
+
+@pytest.mark.slow
+def test_store_outage(rabbit, private_redis, amqp, start_api, start_worker):
+    api = start_api(rabbit.url, private_redis.url)
+    worker = start_worker(rabbit.url, private_redis.url)
+    before = [api.submit("sleep", {"seconds": 0.5}) for _ in range(4)]
+    assert all(r.status_code == 202 for r in before)
+
+    private_redis.stop()
+    down = api.submit("echo", {})
+    assert down.status_code == 503 and down.headers["Retry-After"] == "1"
+    assert requests.get(f"{api.url}/readyz", timeout=5).status_code == 503
+    time.sleep(1.5)  # running jobs finish meanwhile but cannot record their outcome yet
+    assert requests.get(f"{worker.url}/readyz", timeout=5).status_code == 503
+
+    private_redis.start()
+    after = submit_until(api, lambda r: getattr(r, "status_code", None) == 202, 30)
+    for job_id in accepted_ids(before + after):
+        assert api.wait_final(job_id, timeout=30)["status"] == "succeeded"
+    deadline = time.monotonic() + 10
+    while requests.get(f"{worker.url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_end_to_end_every_job_type_over_http(rabbit, redis_node, redis_client, amqp, start_api, start_worker):
+    api = start_api(rabbit.url, redis_node.url)
+    start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="3")
+    start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="3")
+    expected = {
+        ("echo", '{"msg": "hi"}'): ("succeeded", {"msg": "hi"}),
+        ("sleep", '{"seconds": 0.2}'): ("succeeded", {"slept_seconds": 0.2}),
+        ("cpu", '{"ms": 20}'): ("succeeded", None),
+        ("fail", "{}"): ("failed", None),
+        ("flaky", '{"fail_times": 1}'): ("succeeded", {"succeeded_on_attempt": 2}),
+    }
+    import json
+
+    ids = {}
+    for (job_type, payload), _ in expected.items():
+        response = api.submit(job_type, json.loads(payload))
+        assert response.status_code == 202, response.text
+        ids[(job_type, payload)] = response.json()["id"]
+    for key, (status, result) in expected.items():
+        job = api.wait_final(ids[key])
+        assert job["status"] == status, job
+        if result is not None:
+            assert job["result"] == result
+    assert api.wait_final(ids[("fail", "{}")])["attempts"] == 3
+    store = JobStore.from_url(redis_node.url)
+    assert all(store.get(i) for i in ids.values())
+
+
+def _metric(url: str, name: str) -> str:
+    for line in requests.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return line.split()[1]
+    return "0"
