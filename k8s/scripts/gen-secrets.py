@@ -8,6 +8,7 @@ For prod, create the same Secrets outside the repo (see docs/kubernetes.md#secre
 
 Usage: gen-secrets.py k8s/overlays/dev [--force]
 """
+
 from __future__ import annotations
 
 import argparse
