@@ -641,6 +641,11 @@ def main() -> int:
     for old in report_dir.glob(f"{LABEL}-*.log"):  # logs of earlier runs
         old.unlink()
     shutil.rmtree(report_dir / "rabbitmq-log", ignore_errors=True)
+    # A CI timeout or Ctrl-C still removes the containers and stops the private
+    # RabbitMQ/Redis (the `finally` in ImageTest.run).
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupted)
     return ImageTest(args).run()
 
 
