@@ -75,7 +75,7 @@ k8s-render: k8s-tools k8s-secrets ## Render every overlay with kustomize into re
 	done
 
 .PHONY: test-k8s
-test-k8s: k8s-tools promtool venv k8s-secrets ## Prove manifests, skaffold.yaml and Tiltfile short of a cluster (render, validate, checkov, promtool, app cross-checks)
+test-k8s: k8s-tools promtool venv services-deps k8s-secrets ## Prove manifests, skaffold.yaml and Tiltfile short of a cluster (render, validate, checkov, promtool, app cross-checks)
 	@mkdir -p $(K8S_REPORTS)
 	PATH="$(CURDIR)/$(K8S_TOOLS_BIN):$$PATH" $(K8S_TOOLS_BIN)/pytest -c tests/k8s/pytest.ini tests/k8s $(K8S_PYTEST_ARGS)
 
