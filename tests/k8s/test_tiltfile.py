@@ -20,6 +20,7 @@ TILT_BUILTINS = [
     "local",
     "kustomize",
     "decode_yaml_stream",
+    "encode_yaml_stream",
     "update_settings",
     "default_registry",
     "allow_k8s_contexts",
@@ -33,10 +34,12 @@ TILT_BUILTINS = [
 
 
 class Recorder:
-    def __init__(self, subcommand: str, env: dict[str, str]):
+    def __init__(self, subcommand: str, env: dict[str, str], args: dict | None = None):
         self.calls: list[tuple[str, tuple, dict]] = []
         self.subcommand = subcommand
         self.env = env
+        self.args = args or {}
+        self.defined: dict[str, str] = {}
 
     def builtin(self, name):
         def call(*args, **kwargs):
@@ -52,8 +55,19 @@ class Recorder:
     def do_decode_yaml_stream(self, text):
         return [d for d in yaml.safe_load_all(text) if d]
 
+    def do_encode_yaml_stream(self, objects):
+        return yaml.safe_dump_all(list(objects))
+
     def do_local(self, command, **_):
         return ""
+
+    def define_bool(self, name, args=False, usage=""):
+        self.defined[name] = "bool"
+
+    def config_parse(self):
+        unknown = set(self.args) - set(self.defined)
+        assert not unknown, f"Tiltfile does not define {unknown}"
+        return dict(self.args)
 
     def getenv(self, name, default=None):
         return self.env.get(name, default)
@@ -62,19 +76,21 @@ class Recorder:
         return [c for c in self.calls if c[0] == name]
 
 
-def evaluate(subcommand="up", env=None) -> Recorder:
-    rec = Recorder(subcommand, env or {})
+def evaluate(subcommand="up", env=None, args=None) -> Recorder:
+    rec = Recorder(subcommand, env or {}, args)
     module = sl.Module()
     for name in TILT_BUILTINS:
         module.add_callable(name, rec.builtin(name))
     module.add_callable("_getenv", rec.getenv)
+    module.add_callable("_define_bool", rec.define_bool)
+    module.add_callable("_config_parse", rec.config_parse)
     dialect = sl.Dialect.extended()
     dialect.enable_top_level_stmt = True
     globals_ = sl.Globals.extended_by(
         [sl.LibraryExtension.Print, sl.LibraryExtension.StructType, sl.LibraryExtension.Json]
     )
     prelude = (
-        f"config = struct(tilt_subcommand={subcommand!r})\n"
+        f"config = struct(tilt_subcommand={subcommand!r}, define_bool=_define_bool, parse=_config_parse)\n"
         "os = struct(getenv=_getenv)\n"
         "TRIGGER_MODE_AUTO = 1\nTRIGGER_MODE_MANUAL = 2\n"
     )
@@ -194,3 +210,18 @@ def test_registry_and_context_from_env(rendered):
     assert rec.of("default_registry")[0][1][0] == "docker.io/alice"
     assert rec.of("allow_k8s_contexts")[0][1][0] == "prod-like"
     assert not evaluate().of("default_registry")
+
+
+def applied_kinds(rec: Recorder) -> set[str]:
+    (call,) = rec.of("k8s_yaml")
+    return {d["kind"] for d in yaml.safe_load_all(call[1][0]) if d}
+
+
+def test_without_operators_option(rendered):
+    operators = {"ScaledObject", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+    assert operators <= applied_kinds(evaluate())
+    plain = evaluate(args={"without-operators": True})
+    assert not operators & applied_kinds(plain)
+    assert {"Deployment", "StatefulSet", "Secret", "NetworkPolicy"} <= applied_kinds(plain)
+    objects = {o for c in plain.of("k8s_resource") for o in c[2].get("objects", [])}
+    assert not [o for o in objects if o.split(":")[1] in {k.lower() for k in operators}]
