@@ -18,31 +18,43 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack import RabbitNode, RedisNode, ensure_erlang_cookie  # noqa: E402
 
+from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 API = "http://127.0.0.1:8000"
 PORTS = {"amqp": 5682, "dist": 25682, "prometheus": 15702, "management": 15682, "redis": 6389, "workers": 9101}
 
 
 def load_or_create_env(run_dir: Path) -> dict[str, str]:
+    """Dev credentials, generated once (no default credentials anywhere) and kept in .run/dev.env."""
     path = run_dir / "dev.env"
-    if not path.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        generated = {
-            "DEV_RABBITMQ_USER": "dev-" + secrets.token_hex(3),
-            "DEV_RABBITMQ_PASSWORD": secrets.token_urlsafe(18),
-            "DEV_API_TOKEN": "dev-" + secrets.token_urlsafe(24),
-        }
-        path.write_text("".join(f"{k}={v}\n" for k, v in generated.items()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    known = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line) if path.exists() else {}
+    wanted = {
+        "DEV_RABBITMQ_USER": lambda: "admin-" + secrets.token_hex(3),
+        "DEV_RABBITMQ_PASSWORD": lambda: secrets.token_urlsafe(18),
+        "DEV_RABBITMQ_MAIN_APP_PASSWORD": lambda: secrets.token_urlsafe(18),
+        "DEV_RABBITMQ_SERVICE_APP_PASSWORD": lambda: secrets.token_urlsafe(18),
+        "DEV_API_TOKEN": lambda: "dev-" + secrets.token_urlsafe(24),
+    }
+    if not set(wanted) <= set(known):
+        known = {**{k: make() for k, make in wanted.items()}, **known}
+        path.write_text("".join(f"{k}={v}\n" for k, v in known.items()))
         path.chmod(0o600)
-    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return known
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     creds = load_or_create_env(run_dir)
+    app_passwords = {MAIN_APP_USER: creds["DEV_RABBITMQ_MAIN_APP_PASSWORD"],
+                     SERVICE_APP_USER: creds["DEV_RABBITMQ_SERVICE_APP_PASSWORD"]}
+    admin = (creds["DEV_RABBITMQ_USER"], creds["DEV_RABBITMQ_PASSWORD"])
+    # The broker boots with the topology and one least-privilege user per app;
+    # the apps declare nothing themselves (DECLARE_TOPOLOGY=false).
     rabbit = RabbitNode(run_dir / "rabbitmq", name="jobs-dev", amqp_port=PORTS["amqp"], dist_port=PORTS["dist"],
                         prometheus_port=PORTS["prometheus"], management_port=PORTS["management"],
-                        user=creds["DEV_RABBITMQ_USER"], password=creds["DEV_RABBITMQ_PASSWORD"],
+                        user=admin[0], password=admin[1], definitions=definitions(admin, app_passwords),
                         plugins=("rabbitmq_prometheus", "rabbitmq_management"))
     redis = RedisNode(run_dir / "redis", port=PORTS["redis"])
     ensure_erlang_cookie()
@@ -53,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
     venv_bin = Path(sys.executable).parent
     env = {
         **{k: v for k, v in rabbit.env().items() if k.startswith(("RABBITMQ_", "ERL_"))},
-        "RABBITMQ_URL": rabbit.url,
         "REDIS_URL": redis.url,
+        "DECLARE_TOPOLOGY": "false",
         "API_TOKENS": token,
         "HTTP_HOST": "127.0.0.1",
         "HTTP_PORT": "8000",
@@ -67,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
     (run_dir / "stack.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     # Workers first: honcho gives the first process type PORT=<base>, <base>+1, ...
     procfile = "\n".join([
-        "worker: METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec python -m service_app",
+        f"worker: RABBITMQ_URL='{rabbit.url_for(SERVICE_APP_USER, app_passwords[SERVICE_APP_USER])}' "
+        "METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec python -m service_app",
         f"rabbitmq: exec {' '.join(rabbit.foreground_command())}",
         f"redis: exec {' '.join(redis.command())}",
-        "api: exec gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app",
+        f"api: RABBITMQ_URL='{rabbit.url_for(MAIN_APP_USER, app_passwords[MAIN_APP_USER])}' "
+        "exec gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app",
         f"ready: exec python {Path(__file__).resolve()} banner --workers {args.workers}",
     ]) + "\n"
     (run_dir / "Procfile").write_text(procfile)
@@ -103,7 +117,8 @@ def banner(args: argparse.Namespace) -> int:
   │ RabbitMQ       amqp://127.0.0.1:{PORTS['amqp']}  UI http://127.0.0.1:{PORTS['management']}  \
 metrics http://127.0.0.1:{PORTS['prometheus']}/metrics
   │ Redis          redis://127.0.0.1:{PORTS['redis']}
-  │ dev credentials: .run/dev.env        Ctrl-C stops everything
+  │ dev credentials: .run/dev.env (admin, and one least-privilege user per app)
+  │ Ctrl-C stops everything
   └──────────────────────────────────────────────────────────────────────────
   export TOKEN={token}
   curl -s -XPOST {API}/jobs -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\

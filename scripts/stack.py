@@ -57,6 +57,8 @@ class RabbitNode:
     user: str = field(default_factory=lambda: "dev-" + secrets.token_hex(3))
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     plugins: tuple[str, ...] = ("rabbitmq_prometheus",)
+    # A definitions document (users, permissions, topology) loaded at every boot.
+    definitions: dict | None = None
 
     @property
     def nodename(self) -> str:
@@ -65,6 +67,11 @@ class RabbitNode:
     @property
     def url(self) -> str:
         return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.amqp_port}/%2F"
+
+    def url_for(self, user: str, password: str) -> str:
+        from urllib.parse import quote
+
+        return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.amqp_port}/%2F"
 
     @property
     def pid_file(self) -> Path:
@@ -82,6 +89,13 @@ class RabbitNode:
             "log.console = false",
             "log.file.level = warning",
         ]
+        if self.definitions is not None:
+            import json
+
+            path = self.base_dir / "definitions.json"
+            path.write_text(json.dumps(self.definitions))
+            path.chmod(0o600)
+            lines.append(f"load_definitions = {path}")
         if self.management_port:
             lines += [f"management.tcp.port = {self.management_port}", "management.tcp.ip = 127.0.0.1"]
         (self.base_dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
