@@ -1,0 +1,37 @@
+# Benchmarks (issue 4): `make bench` measures the API, the worker and the end-to-end
+# latency against this machine's own ceilings (no-op HTTP, raw pika publish/consume),
+# with private RabbitMQ/Redis nodes, the production gunicorn config and wrk.
+# Not part of `make test`. Docs: docs/performance.md.
+
+BENCH_TOOLS ?= .tools/bench
+BENCH_REPORTS ?= reports/bench
+BENCH_ARGS ?=
+# py-spy for `make bench-profile`, pinned.
+BENCH_PYSPY ?= py-spy==0.4.1
+
+.PHONY: bench-deps
+bench-deps: venv services-deps ## Install wrk (Debian package) when missing
+	@command -v wrk >/dev/null || { \
+	  echo "installing wrk (Debian package)"; \
+	  apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; }; }
+
+##@ Benchmarks
+
+.PHONY: bench
+bench: bench-deps ## Full benchmark (~10 min; BENCH_QUICK=1 for a ~1 min smoke run): table, `bench:` line, JSON in reports/bench/
+	$(PY) scripts/bench/bench.py --out $(BENCH_REPORTS) $(BENCH_ARGS)
+
+.PHONY: bench-smoke
+bench-smoke: bench-deps ## Quick bench run plus the harness's own unit tests (~1 min)
+	$(BIN)/pytest -c pytest.ini -p no:cacheprovider -q tests/bench
+	BENCH_QUICK=1 $(PY) scripts/bench/bench.py --out $(BENCH_REPORTS)/smoke $(BENCH_ARGS)
+
+$(BENCH_TOOLS)/.installed:
+	python3 -m venv $(BENCH_TOOLS)
+	$(BENCH_TOOLS)/bin/pip install --quiet $(BENCH_PYSPY)
+	@touch $@
+
+.PHONY: bench-profile
+bench-profile: bench-deps $(BENCH_TOOLS)/.installed ## Flame graphs (py-spy) of main-app and service-app under load, in reports/bench/profile/
+	$(PY) scripts/bench/profile.py --py-spy $(BENCH_TOOLS)/bin/py-spy --out $(BENCH_REPORTS)/profile

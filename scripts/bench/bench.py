@@ -1,0 +1,725 @@
+"""`make bench`: the system's throughput and latency against the machine's own ceilings.
+
+One run, one machine, private RabbitMQ and Redis nodes (scripts/stack.py), the apps
+as real processes with their production settings:
+
+1. no-op HTTP ceiling: gunicorn with main_app.gunicorn_conf serving noop_app.py
+   (POST /jobs -> 202, no I/O), loaded by wrk;
+2. raw broker ceilings with pika: confirmed persistent publishing (many confirms in
+   flight, and one at a time for reference), consuming with manual acks at the
+   worker's prefetch, both on the real `jobs` quorum queue;
+3. main-app ingest: POST /jobs at saturation (wrk), p50/p99;
+4. service-app: echo jobs per second for one worker process from a pre-filled queue
+   (status writes and acks included);
+5. end to end: submit -> `succeeded` recorded (what GET /jobs/<id> reads), p50/p99,
+   open-loop at 50% of the measured maximum ingest;
+6. memory: RSS of the gunicorn workers and of a service-app process, sampled while a
+   100k-job backlog drains.
+
+Variants are interleaved (noop, ingest, noop, ...; raw consume, worker, ...) and
+repeated; the table shows medians with min-max. Results go to reports/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import pika  # noqa: E402
+import redis  # noqa: E402
+from pika.adapters.select_connection import SelectConnection  # noqa: E402
+from stack import RabbitNode, RedisNode, free_port  # noqa: E402
+
+from jobs_contract import JobMessage, topology  # noqa: E402
+from jobs_contract.store import utcnow  # noqa: E402
+
+BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+TOKEN = "bench-token-" + secrets.token_hex(8)
+
+
+@dataclass
+class Profile:
+    repeats: int = 3
+    http_seconds: float = 10.0
+    http_warmup: float = 2.0
+    connections: int = 50
+    publish_seconds: float = 5.0
+    consume_messages: int = 30_000
+    drain_messages: int = 100_000
+    e2e_seconds: float = 15.0
+
+
+QUICK = Profile(repeats=1, http_seconds=3.0, http_warmup=1.0, publish_seconds=2.0, consume_messages=5_000,
+                drain_messages=10_000, e2e_seconds=4.0)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"median": None, "min": None, "max": None, "runs": []}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))  # nearest rank
+    return ordered[index]
+
+
+# ---------------------------------------------------------------- wrk
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Requests/s, latency percentiles (ms) and error counts from `wrk --latency` output."""
+    result: dict[str, Any] = {"rps": None, "p50_ms": None, "p99_ms": None, "non_2xx": 0, "socket_errors": 0,
+                              "requests": None}
+    if match := re.search(r"Requests/sec:\s+([\d.]+)", output):
+        result["rps"] = float(match.group(1))
+    if match := re.search(r"(\d+) requests in", output):
+        result["requests"] = int(match.group(1))
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        if match := re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.MULTILINE):
+            result[key] = float(match.group(1)) * _UNITS[match.group(2)]
+    if match := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output):
+        result["non_2xx"] = int(match.group(1))
+    if match := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output):
+        result["socket_errors"] = sum(int(g) for g in match.groups())
+    return result
+
+
+def run_wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
+    # One wrk thread: it drives far more than this machine serves and leaves a core to the system.
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
+               "-s", str(HERE / "post.lua"), url]
+    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "BENCH_TOKEN": TOKEN},
+                         timeout=seconds + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed: {out.stderr}")
+    return parse_wrk(out.stdout)
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Proc:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                        cwd=ROOT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if not self.alive():
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def app_env(rabbit: RabbitNode, store: RedisNode, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "REDIS_", "API_TOKENS", "GUNICORN_"))}
+    env.update({"RABBITMQ_URL": rabbit.url, "REDIS_URL": store.url, "API_TOKENS": TOKEN, "LOG_LEVEL": "INFO",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class Gunicorn:
+    """main-app (or the no-op app) under gunicorn with main_app.gunicorn_conf."""
+
+    def __init__(self, name: str, target: list[str], env: dict[str, str], work: Path):
+        self.port, self.metrics_port = free_port(), free_port()
+        env = {**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port), "METRICS_HOST": "127.0.0.1",
+               "METRICS_PORT": str(self.metrics_port), "PROMETHEUS_MULTIPROC_DIR": str(work / f"prom-{name}")}
+        self.proc = Proc(name, [str(BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", *target], env,
+                         work / f"{name}.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_path: str) -> Gunicorn:
+        self.proc.start()
+        wait_http(self.url + ready_path, 60)
+        return self
+
+    def worker_rss(self) -> list[float]:
+        return [r for r in (rss_mb(p) for p in children(self.proc.pid)) if r is not None]
+
+
+# ---------------------------------------------------------------- broker helpers
+
+
+class PipelinedPublisher:
+    """Confirmed persistent publishing with up to `window` confirms in flight (the raw ceiling,
+    and the fast way to pre-fill a queue)."""
+
+    def __init__(self, url: str, window: int = 1000):
+        self.url = url
+        self.window = window
+
+    def run(self, make_message: Callable[[int], tuple[bytes, pika.BasicProperties]], count: int | None = None,
+            seconds: float | None = None, exchange: str = topology.EXCHANGE,
+            routing_key: str = topology.ROUTING_KEY) -> tuple[int, float]:
+        """Publish `count` messages or for `seconds`; return (confirmed, elapsed)."""
+        state = {"sent": 0, "confirmed": 0, "nacked": 0, "started": 0.0, "ended": 0.0}
+        channel_box: list[Any] = []
+
+        def done() -> bool:
+            if count is not None:
+                return state["sent"] >= count
+            return time.perf_counter() - state["started"] >= seconds
+
+        def pump() -> None:
+            channel = channel_box[0]
+            while state["sent"] - state["confirmed"] - state["nacked"] < self.window and not done():
+                body, properties = make_message(state["sent"])
+                channel.basic_publish(exchange, routing_key, body, properties)
+                state["sent"] += 1
+
+        def on_confirm(frame) -> None:
+            method = frame.method
+            acked = isinstance(method, pika.spec.Basic.Ack)
+            settled = state["confirmed"] + state["nacked"]
+            n = method.delivery_tag - settled if method.multiple else 1
+            state["confirmed" if acked else "nacked"] += n
+            if done() and state["confirmed"] + state["nacked"] >= state["sent"]:
+                state["ended"] = time.perf_counter()
+                connection.close()
+                return
+            pump()
+
+        def on_confirm_mode(_frame) -> None:
+            state["started"] = time.perf_counter()
+            pump()
+
+        def on_channel(channel) -> None:
+            channel_box.append(channel)
+            channel.confirm_delivery(ack_nack_callback=on_confirm, callback=on_confirm_mode)
+
+        connection = SelectConnection(pika.URLParameters(self.url),
+                                      on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+                                      on_close_callback=lambda c, r: c.ioloop.stop())
+        connection.ioloop.start()
+        if state["nacked"]:
+            raise RuntimeError(f"{state['nacked']} messages nacked")
+        return state["confirmed"], state["ended"] - state["started"]
+
+
+def publish_one_at_a_time(url: str, seconds: float) -> float:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    properties = pika.BasicProperties(delivery_mode=2)
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        channel.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, b'{"raw":true}', properties)
+        count += 1
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return count / elapsed
+
+
+def raw_message(_i: int) -> tuple[bytes, pika.BasicProperties]:
+    return b'{"v":1,"raw":true,"payload":{"n":1,"text":"hello"}}', pika.BasicProperties(delivery_mode=2)
+
+
+def raw_consume(url: str, count: int, prefetch: int) -> float:
+    """Consume `count` messages with a manual ack each, at `prefetch`; messages/s."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    state = {"n": 0, "started": 0.0}
+
+    def on_message(ch, method, _properties, _body) -> None:
+        if state["n"] == 0:
+            state["started"] = time.perf_counter()
+        ch.basic_ack(method.delivery_tag)
+        state["n"] += 1
+        if state["n"] >= count:
+            ch.stop_consuming()
+
+    channel.basic_consume(topology.QUEUE, on_message_callback=on_message)
+    channel.start_consuming()
+    elapsed = time.perf_counter() - state["started"]
+    connection.close()
+    return (count - 1) / elapsed
+
+
+def purge(url: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    for queue in topology.QUEUES:
+        channel.queue_purge(queue.name)
+    connection.close()
+
+
+def prefill_jobs(url: str, store: redis.Redis, count: int) -> None:
+    """`count` echo jobs as main-app would leave them: a queued record in Redis and a message."""
+    client = "c-bench"
+    created_at = utcnow()
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    pipe = store.pipeline(transaction=False)
+    for n, job_id in enumerate(ids, 1):
+        pipe.hset(f"job:{job_id}", mapping={"id": job_id, "client": client, "type": "echo", "status": "queued",
+                                            "attempts": 0, "created_at": created_at})
+        pipe.expire(f"job:{job_id}", 3600)
+        if n % 2000 == 0:
+            pipe.execute()
+    pipe.execute()
+
+    def make(i: int) -> tuple[bytes, pika.BasicProperties]:
+        return JobMessage(id=ids[i], type="echo", payload={"n": i, "text": "hello"}, client=client,
+                          created_at=created_at).encode()
+
+    confirmed, _ = PipelinedPublisher(url).run(make, count=count)
+    assert confirmed == count, (confirmed, count)
+
+
+# ---------------------------------------------------------------- service-app
+
+
+def metric_value(text: str, name: str, labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: int, tag: str,
+                 env: dict[str, str]) -> dict[str, Any]:
+    """Start one service-app process on a pre-filled queue of `count` echo jobs; measure jobs/s
+    between 10% and 90% done, and its RSS all along."""
+    port = free_port()
+    proc = Proc(f"worker-{tag}", [str(BIN / "python"), "-m", "service_app"],
+                app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port), **env),
+                work / f"worker-{tag}.log").start()
+    samples: list[tuple[float, float, float | None]] = []  # (t, processed, rss)
+    deadline = time.monotonic() + max(120, count / 200)
+    try:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"service-app exited: {proc.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                    text = response.read().decode()
+            except OSError:
+                time.sleep(0.1)
+                continue
+            done = metric_value(text, "jobs_worker_jobs_processed_total", 'outcome="succeeded"')
+            samples.append((time.perf_counter(), done, rss_mb(proc.pid)))
+            if done >= count:
+                break
+            time.sleep(0.25)
+        else:
+            raise RuntimeError(f"drain of {count} jobs did not finish; last sample {samples[-1:]}")
+    finally:
+        code = proc.stop()
+    if code not in (0, None):
+        raise RuntimeError(f"service-app exited {code}")
+
+    def time_at(fraction: float) -> float:
+        target = fraction * count
+        for (t0, c0, _), (t1, c1, _) in zip(samples, samples[1:], strict=False):
+            if c0 <= target <= c1 and c1 > c0:
+                return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
+        raise RuntimeError("not enough samples")
+
+    rate = 0.8 * count / (time_at(0.9) - time_at(0.1))
+    rss = [r for _, c, r in samples if r is not None and c > 0.05 * count]
+    return {"jobs_per_s": rate, "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss, default=None),
+            "rss_mb_end": rss[-1] if rss else None, "rss_samples": len(rss)}
+
+
+# ---------------------------------------------------------------- end to end
+
+
+async def open_loop(host: str, port: int, rate: float, seconds: float, connections: int = 32) -> list[tuple]:
+    """POST /jobs at a fixed rate (open loop: each request is timed from when it was due, so a slow
+    server cannot slow the clock down); returns (due_wall_time, status, job_id, latency_s)."""
+    body = b'{"type":"echo","payload":{"n":1,"text":"hello"}}'
+    request = (f"POST /jobs HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    total = int(rate * seconds)
+    results: list[tuple] = []
+    counter = iter(range(total))
+    loop = asyncio.get_running_loop()
+    start_mono = loop.time() + 0.2
+    start_wall = time.time() + 0.2
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        for i in counter:
+            due = start_mono + i / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            payload = await reader.readexactly(length)
+            done = loop.time()
+            job_id = json.loads(payload).get("id") if status == 202 else None
+            results.append((start_wall + i / rate, status, job_id, done - due))
+        writer.close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return results
+
+
+def parse_time(value: bytes | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.decode().replace("Z", "+00:00")).timestamp()
+
+
+def end_to_end(api: Gunicorn, store: redis.Redis, rate: float, seconds: float) -> dict[str, Any]:
+    results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
+    accepted = [r for r in results if r[1] == 202]
+    # Give the last jobs time to finish, then read when each was recorded `succeeded`:
+    # GET /jobs/<id> answers from this very record, so that is when success became visible.
+    deadline = time.monotonic() + 30
+    while True:
+        pipe = store.pipeline(transaction=False)
+        for r in accepted:
+            pipe.hmget(f"job:{r[2]}", "status", "finished_at")
+        records = pipe.execute()
+        pending = sum(1 for status, _ in records if status != b"succeeded")
+        if pending == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    e2e = [(parse_time(finished) - r[0]) * 1000 for r, (status, finished) in zip(accepted, records, strict=True)
+           if status == b"succeeded"]
+    submit = [r[3] * 1000 for r in accepted]
+    return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
+            "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
+            "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99)}
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Bench:
+    profile: Profile
+    work: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, list] = field(default_factory=dict)
+
+    def record(self, key: str, value: Any) -> None:
+        self.runs.setdefault(key, []).append(value)
+        # Other work on the machine skews every number: keep the load next to each run.
+        self.results.setdefault("loadavg_1m", []).append((key, os.getloadavg()[0]))
+
+    def run(self) -> dict[str, Any]:
+        p = self.profile
+        started = time.time()
+        rabbit = RabbitNode(self.work / "rabbitmq", name=f"jobs-bench-{os.getpid()}")
+        store_node = RedisNode(self.work / "redis")
+        processes: list[Proc] = []
+        try:
+            log("starting private RabbitMQ and Redis nodes")
+            rabbit.start()
+            store_node.start()
+            store = redis.Redis.from_url(store_node.url)
+            connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+            topology.declare(connection.channel())
+            connection.close()
+            prefetch = int(os.environ.get("WORKER_PREFETCH") or 2 * int(os.environ.get("WORKER_CONCURRENCY") or 4))
+
+            # 1 + 3: no-op ceiling and ingest, interleaved.
+            env = app_env(rabbit, store_node)
+            noop = Gunicorn("noop", ["--pythonpath", str(HERE), "noop_app:app"], env, self.work).start("/healthz")
+            api = Gunicorn("api", ["main_app.wsgi:app"], env, self.work).start("/readyz")
+            processes += [noop.proc, api.proc]
+            for server in (noop, api):
+                run_wrk(server.url, p.http_warmup, p.connections)
+            purge(rabbit.url)
+            store.flushdb()
+            for i in range(p.repeats):
+                for name, server in (("noop", noop), ("ingest", api)) if i % 2 == 0 else (("ingest", api),
+                                                                                        ("noop", noop)):
+                    result = run_wrk(server.url, p.http_seconds, p.connections)
+                    result["worker_rss_mb"] = server.worker_rss()
+                    log(f"{name}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
+                        f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']}")
+                    self.record(name, result)
+                    if name == "ingest":
+                        purge(rabbit.url)
+                        store.flushdb()
+            noop.proc.stop()
+
+            # 2: raw publish ceilings.
+            for _ in range(p.repeats):
+                confirmed, elapsed = PipelinedPublisher(rabbit.url).run(raw_message, seconds=p.publish_seconds)
+                self.record("raw_publish", confirmed / elapsed)
+                log(f"raw publish (confirms in flight): {confirmed / elapsed:.0f} msg/s")
+                purge(rabbit.url)
+            rate = publish_one_at_a_time(rabbit.url, min(3.0, p.publish_seconds))
+            self.record("raw_publish_sync", rate)
+            log(f"raw publish (one confirm at a time): {rate:.0f} msg/s")
+            purge(rabbit.url)
+
+            # 2 + 4: raw consume and the worker, interleaved.
+            for i in range(p.repeats):
+                for name in ("raw_consume", "worker") if i % 2 == 0 else ("worker", "raw_consume"):
+                    if name == "raw_consume":
+                        PipelinedPublisher(rabbit.url).run(raw_message, count=p.consume_messages)
+                        rate = raw_consume(rabbit.url, p.consume_messages, prefetch)
+                        self.record(name, rate)
+                        log(f"raw consume (prefetch {prefetch}): {rate:.0f} msg/s")
+                    else:
+                        prefill_jobs(rabbit.url, store, p.consume_messages)
+                        result = worker_drain(rabbit, store_node, self.work, p.consume_messages, f"tp{i}", {})
+                        self.record(name, result)
+                        log(f"worker: {result['jobs_per_s']:.0f} jobs/s, RSS {result['rss_mb_max']:.1f} MB")
+                    purge(rabbit.url)
+                    store.flushdb()
+
+            # 6: memory while a large backlog drains.
+            log(f"pre-filling {p.drain_messages} jobs for the memory drain")
+            prefill_jobs(rabbit.url, store, p.drain_messages)
+            drain = worker_drain(rabbit, store_node, self.work, p.drain_messages, "drain", {})
+            self.results["drain"] = drain
+            log(f"drain {p.drain_messages}: {drain['jobs_per_s']:.0f} jobs/s, RSS {drain['rss_mb_start']:.1f} -> "
+                f"{drain['rss_mb_end']:.1f} MB (max {drain['rss_mb_max']:.1f})")
+            purge(rabbit.url)
+            store.flushdb()
+
+            # 5: end to end at half the measured maximum ingest.
+            ingest_rps = statistics.median(r["rps"] for r in self.runs["ingest"])
+            e2e_rate = round(ingest_rps * 0.5)
+            port = free_port()
+            worker = Proc("worker-e2e", [str(BIN / "python"), "-m", "service_app"],
+                          app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port)),
+                          self.work / "worker-e2e.log").start()
+            processes.append(worker)
+            wait_http(f"http://127.0.0.1:{port}/readyz")
+            end_to_end(api, store, e2e_rate, 1.0)  # warm-up
+            for _ in range(p.repeats):
+                result = end_to_end(api, store, e2e_rate, p.e2e_seconds)
+                self.record("e2e", result)
+                log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
+                    f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
+            self.results["service_app_rss_mb"] = rss_mb(worker.pid)
+            self.results["gunicorn_worker_rss_mb"] = api.worker_rss()
+            worker.stop()
+            api.proc.stop()
+        finally:
+            for proc in processes:
+                proc.stop()
+            store_node.stop()
+            rabbit.kill()
+        self.results["elapsed_s"] = time.time() - started
+        return self.summarise(prefetch)
+
+    def summarise(self, prefetch: int) -> dict[str, Any]:
+        runs = self.runs
+        out = {
+            "machine": machine(),
+            "profile": self.profile.__dict__,
+            "prefetch": prefetch,
+            "noop_rps": summary([r["rps"] for r in runs["noop"]]),
+            "noop_p50_ms": summary([r["p50_ms"] for r in runs["noop"]]),
+            "noop_p99_ms": summary([r["p99_ms"] for r in runs["noop"]]),
+            "ingest_rps": summary([r["rps"] for r in runs["ingest"]]),
+            "ingest_p50_ms": summary([r["p50_ms"] for r in runs["ingest"]]),
+            "ingest_p99_ms": summary([r["p99_ms"] for r in runs["ingest"]]),
+            "ingest_non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in runs["ingest"]),
+            "raw_publish_msg_s": summary(runs["raw_publish"]),
+            "raw_publish_sync_msg_s": summary(runs["raw_publish_sync"]),
+            "raw_consume_msg_s": summary(runs["raw_consume"]),
+            "worker_jobs_s": summary([r["jobs_per_s"] for r in runs["worker"]]),
+            "e2e_rate": runs["e2e"][0]["rate"],
+            "e2e_p50_ms": summary([r["e2e_p50_ms"] for r in runs["e2e"]]),
+            "e2e_p99_ms": summary([r["e2e_p99_ms"] for r in runs["e2e"]]),
+            "e2e_submit_p99_ms": summary([r["submit_p99_ms"] for r in runs["e2e"]]),
+            "e2e_not_succeeded": sum(r["not_succeeded"] for r in runs["e2e"]),
+            "runs": runs,
+            **self.results,
+        }
+        out["ingest_vs_noop"] = out["ingest_rps"]["median"] / out["noop_rps"]["median"]
+        out["worker_vs_raw_consume"] = out["worker_jobs_s"]["median"] / out["raw_consume_msg_s"]["median"]
+        return out
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    rabbit_version = ""
+    try:
+        rabbit_version = Path("/usr/lib/rabbitmq").resolve().name
+        rabbit_version = next(p.name for p in Path("/usr/lib/rabbitmq/lib").iterdir() if p.name.startswith("rabbit"))
+    except (OSError, StopIteration):
+        pass
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "kernel": platform.release(), "rabbitmq": rabbit_version, "redis": redis_version.split(" ")[2:3],
+            "date": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def fmt(s: dict[str, Any], digits: int = 0) -> str:
+    if s["median"] is None:
+        return "n/a"
+    if len(s["runs"]) == 1:
+        return f"{s['median']:,.{digits}f}"
+    return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}–{s['max']:,.{digits}f})"
+
+
+def table(r: dict[str, Any]) -> str:
+    d = r["drain"]
+    rows = [
+        ("no-op HTTP ceiling (gunicorn gthread, same conf)", f"{fmt(r['noop_rps'])} req/s",
+         f"p50 {fmt(r['noop_p50_ms'], 2)} ms, p99 {fmt(r['noop_p99_ms'], 2)} ms"),
+        ("main-app ingest POST /jobs (store + confirm)", f"{fmt(r['ingest_rps'])} req/s",
+         f"p50 {fmt(r['ingest_p50_ms'], 2)} ms, p99 {fmt(r['ingest_p99_ms'], 2)} ms, "
+         f"non-2xx {r['ingest_non_2xx']}"),
+        ("raw publish, confirms in flight (pika)", f"{fmt(r['raw_publish_msg_s'])} msg/s", "persistent, quorum"),
+        ("raw publish, one confirm at a time", f"{fmt(r['raw_publish_sync_msg_s'])} msg/s", "reference"),
+        (f"raw consume, manual acks, prefetch {r['prefetch']}", f"{fmt(r['raw_consume_msg_s'])} msg/s",
+         "quorum `jobs` queue"),
+        ("service-app echo jobs, 1 process", f"{fmt(r['worker_jobs_s'])} jobs/s",
+         "status writes + acks included"),
+        (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",
+         f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
+        (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
+         f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms"),
+        ("RSS per gunicorn worker / service-app process",
+         " / ".join(f"{x:.0f}" for x in r["gunicorn_worker_rss_mb"]) + f" / {r['service_app_rss_mb']:.0f} MB", ""),
+    ]
+    width = max(len(a) for a, _, _ in rows)
+    lines = [f"| {'measurement':<{width}} | result | notes |", f"|{'-' * (width + 2)}|---|---|"]
+    lines += [f"| {a:<{width}} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def bench_line(r: dict[str, Any]) -> str:
+    return (f"bench: ingest_vs_noop={r['ingest_vs_noop']:.2f} worker_jobs_per_s={r['worker_jobs_s']['median']:.0f} "
+            f"worker_vs_raw_consume={r['worker_vs_raw_consume']:.2f} e2e_p99_ms={r['e2e_p99_ms']['median']:.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("BENCH_QUICK") == "1",
+                        help="smoke run: one repeat, short phases (about a minute)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "reports" / "bench"))
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("error: wrk not found (Debian: apt-get install wrk; `make bench` installs it)", file=sys.stderr)
+        return 2
+    profile = QUICK if args.quick else Profile()
+    if args.repeats:
+        profile.repeats = args.repeats
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
+    try:
+        result = Bench(profile, work).run()
+    except BaseException:
+        log(f"failed; logs kept in {work}")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    result["table"] = table(result)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for path in (out_dir / f"bench-{stamp}.json", out_dir / "latest.json"):
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    m = result["machine"]
+    print(f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['rabbitmq']}, "
+          f"Redis {''.join(m['redis'])}; {result['elapsed_s']:.0f} s; {'quick' if args.quick else 'full'} profile; "
+          f"load average during runs {min(x[1] for x in result['loadavg_1m']):.1f}-"
+          f"{max(x[1] for x in result['loadavg_1m']):.1f}\n")
+    print(result["table"])
+    print(f"\nresults: {out_dir / 'latest.json'}")
+    print(bench_line(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`make bench-profile`: py-spy profiles of main-app under wrk load and of service-app
+draining a pre-filled queue, with the same private nodes and settings as `make bench`.
+
+Writes flame graphs (SVG) and `py-spy top`-style text summaries (the hottest frames by
+own and total time) to reports/bench/profile/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pika
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+
+def record(py_spy: str, pid: int, seconds: float, out: Path, subprocesses: bool = False) -> subprocess.Popen:
+    args = [py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "--nonblocking"]
+    if subprocesses:
+        args.append("--subprocesses")
+    return subprocess.Popen([*args, "-f", "raw", "-o", str(out.with_suffix(".txt"))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def hottest(raw: Path, top: int = 25) -> str:
+    """Own and total sample counts per frame from py-spy's collapsed-stack output."""
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")
+        samples += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    lines = [f"{samples} samples", "", "own%   frame"]
+    lines += [f"{100 * n / samples:5.1f}  {f}" for f, n in own.most_common(top)]
+    lines += ["", "total% frame"]
+    lines += [f"{100 * n / samples:5.1f}  {f}" for f, n in total.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--py-spy", default="py-spy")
+    parser.add_argument("--out", default=str(bench.ROOT / "reports" / "bench" / "profile"))
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--jobs", type=int, default=30_000)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="jobs-profile-"))
+    rabbit = bench.RabbitNode(work / "rabbitmq", name="jobs-profile")
+    store_node = bench.RedisNode(work / "redis")
+    api = None
+    try:
+        rabbit.start()
+        store_node.start()
+        store = redis.Redis.from_url(store_node.url)
+        connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+        bench.topology.declare(connection.channel())
+        connection.close()
+
+        api = bench.Gunicorn("api", ["main_app.wsgi:app"], bench.app_env(rabbit, store_node), work).start("/readyz")
+        bench.run_wrk(api.url, 2, 50)
+        spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
+        time.sleep(0.5)
+        result = bench.run_wrk(api.url, args.seconds, 50)
+        spy.wait(60)
+        bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
+        api.proc.stop()
+        bench.purge(rabbit.url)
+        store.flushdb()
+
+        bench.prefill_jobs(rabbit.url, store, args.jobs)
+        holder: dict[str, subprocess.Popen] = {}
+        original_proc = bench.Proc.start
+
+        def start_and_spy(self: bench.Proc) -> bench.Proc:
+            original_proc(self)
+            holder["spy"] = record(args.py_spy, self.pid, max(5, args.jobs / 1500), out / "service-app")
+            return self
+
+        bench.Proc.start = start_and_spy  # type: ignore[method-assign]
+        drained = bench.worker_drain(rabbit, store_node, work, args.jobs, "profile", {})
+        bench.Proc.start = original_proc  # type: ignore[method-assign]
+        holder["spy"].wait(120)
+        bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
+        for name in ("main-app", "service-app"):
+            raw = (out / name).with_suffix(".txt")
+            if raw.exists():
+                (out / f"{name}-hot.txt").write_text(hottest(raw))
+                print(f"\n== {name} ==\n" + "\n".join(hottest(raw).splitlines()[:40]))
+    finally:
+        if api is not None:
+            api.proc.stop()
+        store_node.stop()
+        rabbit.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
