@@ -369,3 +369,56 @@ def test_mounted_secrets_are_readable_by_the_pod_user(rendered, variant):
             assert readable, (
                 f"{obj['kind']}/{obj['metadata']['name']} volume {vol['name']}: mode {oct(mode)}, fsGroup {fs_group}"
             )
+
+
+def _refs(spec):
+    """(kind, name, key) for every Secret/ConfigMap key a pod spec needs."""
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for var in c.get("env", []):
+            ref = var.get("valueFrom", {})
+            if "secretKeyRef" in ref:
+                yield "Secret", ref["secretKeyRef"]["name"], ref["secretKeyRef"]["key"]
+            if "configMapKeyRef" in ref:
+                yield "ConfigMap", ref["configMapKeyRef"]["name"], ref["configMapKeyRef"]["key"]
+        for src in c.get("envFrom", []):
+            if "configMapRef" in src:
+                yield "ConfigMap", src["configMapRef"]["name"], None
+            if "secretRef" in src:
+                yield "Secret", src["secretRef"]["name"], None
+    for vol in spec.get("volumes", []):
+        for kind, field, name_key in (("Secret", "secret", "secretName"), ("ConfigMap", "configMap", "name")):
+            if field in vol:
+                items = vol[field].get("items") or [{"key": None}]
+                for item in items:
+                    yield kind, vol[field][name_key], item["key"]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_referenced_config_and_secret_keys_exist(rendered, variant):
+    """Every ConfigMap/Secret key a pod needs exists; Secrets not rendered (prod) are
+    the documented ones that come from outside the repo."""
+    docs = rendered[variant]
+    external = {
+        "rabbitmq-credentials",
+        "redis-credentials",
+        "main-app-credentials",
+        "service-app-credentials",
+        "main-app-api-tokens",
+    }
+    docs_text = (Path(__file__).resolve().parents[2] / "docs/kubernetes.md").read_text()
+    problems = []
+    for obj in docs:
+        if obj["kind"] not in WORKLOAD_KINDS:
+            continue
+        for kind, name, key in _refs(pod_spec(obj)):
+            target = next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+            if target is None:
+                if kind == "Secret" and name in external and f"`{name}`" in docs_text:
+                    continue
+                problems.append(f"{obj['metadata']['name']}: {kind} {name} not rendered")
+            elif key is not None and key not in {**target.get("data", {}), **target.get("stringData", {})}:
+                problems.append(f"{obj['metadata']['name']}: {kind} {name} has no key {key}")
+    assert not problems, "\n".join(problems)
+    ingress_tls = [t["secretName"] for o in docs if o["kind"] == "Ingress" for t in o["spec"].get("tls", [])]
+    for name in ingress_tls:
+        assert f"`{name}`" in docs_text, f"TLS Secret {name} is not documented"

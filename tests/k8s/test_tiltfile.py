@@ -225,3 +225,20 @@ def test_without_operators_option(rendered):
     assert {"Deployment", "StatefulSet", "Secret", "NetworkPolicy"} <= applied_kinds(plain)
     objects = {o for c in plain.of("k8s_resource") for o in c[2].get("objects", [])}
     assert not [o for o in objects if o.split(":")[1] in {k.lower() for k in operators}]
+
+
+def test_build_context_filter_keeps_what_the_dockerfile_copies(tilt):
+    """`only=` narrows the build context; every COPY source must stay inside it."""
+    for _, args, kw in tilt.of("docker_build"):
+        text = (ROOT / args[1] / kw["dockerfile"]).read_text()
+        sources = []
+        for line in re.findall(r"^COPY\s+(.+)$", text, re.M):
+            parts = [p for p in line.split() if not p.startswith("--")]
+            if "--from" in line:
+                continue
+            sources += parts[:-1]
+        assert sources
+        only = [o.rstrip("/") for o in kw["only"]]
+        for src in sources:
+            src = src.rstrip("/")
+            assert any(src == o or src.startswith(o + "/") for o in only), f"{args[0]}: COPY {src} outside only={only}"

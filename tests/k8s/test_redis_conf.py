@@ -1,0 +1,74 @@
+"""Run the machine's redis-server with the exact arguments of the redis StatefulSet
+(only the password, data directory and port substituted) and check what they set; run
+the readiness probe's redis-cli command against it the way the kubelet would."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import find, pod_spec
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("overlay", ["ci", "prod"])
+def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
+    server = shutil.which("redis-server")
+    cli = shutil.which("redis-cli")
+    if not (server and cli):
+        pytest.fail("redis-server/redis-cli missing: `make services-deps`")
+    (container,) = pod_spec(find(rendered[overlay], "StatefulSet", "redis"))["containers"]
+    password = secrets.token_hex(16)
+    args = [a.replace("$(REDIS_PASSWORD)", password) for a in container["args"]]
+    args[args.index("--dir") + 1] = str(tmp_path)
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, *args, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        env = {**os.environ, "REDISCLI_AUTH": password}
+        deadline = time.monotonic() + 15
+        out = ""
+        while time.monotonic() < deadline:
+            out = subprocess.run(
+                [cli, "-p", str(port), "-h", "127.0.0.1", "ping"], env=env, capture_output=True, text=True
+            ).stdout
+            if "PONG" in out or proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert "PONG" in out
+
+        def config(name):
+            res = subprocess.run([cli, "-p", str(port), "config", "get", name], env=env, capture_output=True, text=True)
+            return res.stdout.split()[1]
+
+        assert config("appendonly") == "yes"
+        assert config("maxmemory-policy") == "noeviction"
+        assert config("dir") == str(tmp_path)
+        noauth = subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True)
+        assert "NOAUTH" in noauth.stdout + noauth.stderr
+        # The readiness probe, pointed at this port.
+        probe = container["readinessProbe"]["exec"]["command"]
+        assert probe[:2] == ["sh", "-c"]
+        script = re.sub(r"redis-cli", f"{cli} -p {port}", probe[2])
+        assert subprocess.run(["sh", "-c", script], env=env).returncode == 0
+        names = {e["name"] for e in container["env"]}
+        assert "REDISCLI_AUTH" in names
+    finally:
+        proc.terminate()
+        proc.wait(10)
