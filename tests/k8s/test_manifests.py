@@ -4,6 +4,7 @@ the design relies on (security profile, probes, autoscaling ownership, HA broker
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import jsonschema
@@ -422,3 +423,12 @@ def test_referenced_config_and_secret_keys_exist(rendered, variant):
     ingress_tls = [t["secretName"] for o in docs if o["kind"] == "Ingress" for t in o["spec"].get("tls", [])]
     for name in ingress_tls:
         assert f"`{name}`" in docs_text, f"TLS Secret {name} is not documented"
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_scaler_queries_select_the_deployed_namespace(rendered, variant):
+    docs = rendered[variant]
+    namespaces = {o["metadata"]["namespace"] for o in docs if o["kind"] == "Deployment"}
+    queries = [t["metadata"]["query"] for o in docs if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]]
+    for query in queries:
+        assert set(re.findall(r'namespace="([^"]+)"', query)) == namespaces, query
