@@ -5,11 +5,10 @@ DOCKER ?= $(if $(wildcard /usr/bin/docker),/usr/bin/docker,docker)
 # The engine's own client (Debian docker.io, /usr/bin/docker) builds with
 # BuildKit; a newer client without the buildx plugin falls back to the
 # classic builder. Both build these Dockerfiles.
-ifndef IMAGES_BUILDKIT
-IMAGES_BUILDKIT := $(shell if $(DOCKER) buildx version >/dev/null 2>&1; then echo 1; \
+# (Detected on first use only, so other targets never run docker at parse time.)
+IMAGES_BUILDKIT ?= $(eval IMAGES_BUILDKIT := $(shell if $(DOCKER) buildx version >/dev/null 2>&1; then echo 1; \
   else v=$$($(DOCKER) version --format '{{.Client.Version}}' 2>/dev/null | cut -d. -f1); \
-  if [ -n "$$v" ] && [ "$$v" -lt 23 ] 2>/dev/null; then echo 1; else echo 0; fi; fi)
-endif
+  if [ -n "$$v" ] && [ "$$v" -lt 23 ] 2>/dev/null; then echo 1; else echo 0; fi; fi))$(IMAGES_BUILDKIT)
 IMAGES_CACHE_DIR ?= .cache/images
 IMAGES_LOCAL_BASE ?= jobs-local/python-base:bookworm
 # No registry is reachable from the project's machines, so by default the
