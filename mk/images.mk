@@ -52,6 +52,8 @@ IMAGES_BASE_DEP := $(if $(filter $(IMAGES_LOCAL_BASE),$(BASE_IMAGE)),images-base
 images: $(IMAGES_BASE_DEP) ## Build production images main-app:local, service-app:local (IMAGE_TAG=, BASE_IMAGE= to override)
 	$(IMAGE_BUILD) -f main-app/Dockerfile --target production -t $(MAIN_APP_IMAGE) .
 	$(IMAGE_BUILD) -f service-app/Dockerfile --target production -t $(SERVICE_APP_IMAGE) .
+	@# Earlier builds on the local base, now untagged, only take space.
+	@$(DOCKER) image prune -f --filter label=local.base.key >/dev/null
 	@$(DOCKER) image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' | grep -E '^($(MAIN_APP_IMAGE)|$(SERVICE_APP_IMAGE)) '
 
 .PHONY: images-dev
