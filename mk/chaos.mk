@@ -1,0 +1,50 @@
+# Chaos and abuse suites (docs/guarantees.md).
+#
+# test-chaos: the seven fault scenarios of tests/chaos against the real processes
+# (private RabbitMQ and Redis nodes, gunicorn main-app, several service-app workers),
+# with lost-job accounting; prints one table and writes reports/chaos/chaos.{md,json}.
+# Then the abuse suite. Fails if any accepted job is lost.
+#
+# test-abuse: tests/abuse against a real gunicorn main-app with real RabbitMQ and
+# Redis: schemathesis/hypothesis fuzzing from /openapi.json, hostile inputs, auth,
+# and the bad-request flood bound. schemathesis and hypothesis live in their own
+# hash-locked venv (.tools/abuse: tests/abuse/requirements.txt, which is
+# requirements/dev.txt plus those two), so the app venv stays lean.
+
+ABUSE_VENV ?= .tools/abuse
+ABUSE_STAMP := $(ABUSE_VENV)/.installed
+CHAOS_PYTEST_ARGS ?=
+ABUSE_PYTEST_ARGS ?=
+
+$(ABUSE_STAMP): tests/abuse/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11+" >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: Python's venv module is missing; on Debian: apt-get install python3-venv" >&2; exit 1; }
+	rm -rf $(ABUSE_VENV)
+	$(PYTHON) -m venv $(ABUSE_VENV)
+	$(ABUSE_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(ABUSE_VENV)/bin/pip install --quiet --require-hashes -r tests/abuse/requirements.txt
+	$(ABUSE_VENV)/bin/pip install --quiet --no-deps -e contract -e main-app -e service-app
+	@touch $@
+
+##@ Chaos and abuse
+
+.PHONY: abuse-tools
+abuse-tools: $(ABUSE_STAMP) ## Install schemathesis + hypothesis (hash-locked) and the apps into .tools/abuse
+
+.PHONY: test-chaos
+test-chaos: venv services-deps ## Fault scenarios with lost-job accounting (~6 min), then test-abuse; table in reports/chaos/
+	@status=0; \
+	$(BIN)/pytest tests/chaos -c pytest.ini -p no:cacheprovider $(CHAOS_PYTEST_ARGS) || status=$$?; \
+	$(MAKE) test-abuse || status=$$((status ? status : $$?)); \
+	exit $$status
+
+.PHONY: test-abuse
+test-abuse: $(ABUSE_STAMP) services-deps ## Fuzz the API from its OpenAPI document, hostile inputs, auth, flood bound (~2 min)
+	$(ABUSE_VENV)/bin/pytest tests/abuse -c pytest.ini -p no:cacheprovider $(ABUSE_PYTEST_ARGS)
+
+.PHONY: lock-abuse
+lock-abuse: ## Re-resolve tests/abuse/requirements.txt (hash-pinned) from tests/abuse/requirements.in
+	$(PYTHON) -m venv .tools/pip-tools && .tools/pip-tools/bin/pip install --quiet pip-tools==7.6.2
+	cd tests/abuse && PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= ../../.tools/pip-tools/bin/pip-compile --quiet \
+	  --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  -o requirements.txt requirements.in
