@@ -204,6 +204,9 @@ def test_sigterm_drains_in_flight_jobs_and_exits_0(rabbit, redis_node, store, am
     waiting = [r for r in records if r["status"] == "queued"]
     assert len(finished) == 2, records  # the two running jobs were finished, not abandoned
     assert len(finished) + len(waiting) == 6
+    deadline = time.monotonic() + 10  # the broker requeues once it has processed the close
+    while queue_depth(amqp, topology.QUEUE) != len(waiting) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert queue_depth(amqp, topology.QUEUE) == len(waiting)  # the rest went back to the queue
     assert "draining" in worker.proc.output()
 
@@ -217,7 +220,9 @@ def test_sigterm_past_the_grace_period_requeues_the_job(rabbit, redis_node, stor
     worker.proc.signal(signal.SIGTERM)
     assert worker.proc.wait(10) == 0
     assert time.monotonic() - started < 5
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.QUEUE) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert queue_depth(amqp, topology.QUEUE) == 1, "the unfinished job did not go back to the queue"
     # Another worker picks it up and finishes it.
     amqp.queue_purge(topology.QUEUE)

@@ -1,5 +1,3 @@
-import time
-
 import pytest
 
 from jobs_contract.settings import ConfigError
@@ -25,19 +23,26 @@ def test_authentication_disabled_is_one_anonymous_client():
     assert TokenAuthenticator((), disabled=True).client_for(None) == "anonymous"
 
 
-def test_token_check_time_does_not_depend_on_the_matching_prefix():
-    auth = TokenAuthenticator(tuple(f"token-{i:02d}-0123456789abcdef" for i in range(20)))
+def test_token_check_compares_every_token_in_constant_time(monkeypatch):
+    """Timing-safe: a fixed-length digest is compared with hmac.compare_digest against
+    every configured token, whichever matches (no early exit, no length leak)."""
+    import hmac
 
-    def cost(header: str) -> float:
-        started = time.perf_counter()
-        for _ in range(3000):
-            auth.client_for(header)
-        return time.perf_counter() - started
+    import main_app.auth as auth_module
 
-    near = "Bearer token-19-0123456789abcdeX"  # shares all but the last character with a real token
-    far = "Bearer Xoken-19-0123456789abcdef"
-    samples = sorted(cost(near) / cost(far) for _ in range(5))
-    assert 0.7 < samples[2] < 1.4
+    tokens = tuple(f"token-{i:02d}-0123456789abcdef" for i in range(5))
+    auth = TokenAuthenticator(tokens)
+    calls = []
+
+    def counting_compare(a, b):
+        calls.append((len(a), len(b)))
+        return hmac.compare_digest(a, b)
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", counting_compare)
+    for header in (f"Bearer {tokens[0]}", f"Bearer {tokens[-1]}", "Bearer x", "Bearer " + "y" * 5000):
+        calls.clear()
+        auth.client_for(header)
+        assert calls == [(32, 32)] * len(tokens), header
 
 
 def test_api_refuses_to_start_without_tokens(monkeypatch):
