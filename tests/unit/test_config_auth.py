@@ -33,10 +33,11 @@ def test_token_check_compares_every_token_in_constant_time(monkeypatch):
     tokens = tuple(f"token-{i:02d}-0123456789abcdef" for i in range(5))
     auth = TokenAuthenticator(tokens)
     calls = []
+    compare = hmac.compare_digest
 
     def counting_compare(a, b):
         calls.append((len(a), len(b)))
-        return hmac.compare_digest(a, b)
+        return compare(a, b)
 
     monkeypatch.setattr(auth_module.hmac, "compare_digest", counting_compare)
     for header in (f"Bearer {tokens[0]}", f"Bearer {tokens[-1]}", "Bearer x", "Bearer " + "y" * 5000):
