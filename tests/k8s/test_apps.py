@@ -35,14 +35,44 @@ from conftest import ROOT, find, pod_spec
 pytestmark = pytest.mark.apps
 
 APP_PACKAGES = {
-    "main-app": [ROOT / "main-app" / "main_app", ROOT / "contract" / "jobs_contract"],
-    "service-app": [ROOT / "service-app" / "service_app", ROOT / "contract" / "jobs_contract"],
+    "main-app": ROOT / "main-app" / "main_app",
+    "service-app": ROOT / "service-app" / "service_app",
 }
+CONTRACT = ROOT / "contract" / "jobs_contract"
 ENV_READERS = {"env_str", "env_int", "env_float", "env_bool"}
 VENV_BIN = ROOT / ".venv" / "bin"
 
 
 # ----------------------------------------------------------------- env var scanning
+
+
+def app_modules(app: str) -> list[Path]:
+    """The app's own modules plus the contract modules they import (transitively):
+    contract tools the app never imports (e.g. `python -m jobs_contract.access`) are
+    not part of its runtime configuration."""
+    files = sorted(APP_PACKAGES[app].rglob("*.py"))
+    seen: set[Path] = set()
+    todo = list(files)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jobs_contract":
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.split(".")[0] == "jobs_contract"]
+            for name in names:
+                parts = name.split(".")[1:]
+                for candidate in (
+                    CONTRACT.joinpath(*parts).with_suffix(".py") if parts else None,
+                    CONTRACT.joinpath(*parts, "__init__.py"),
+                ):
+                    if candidate is not None and candidate.exists():
+                        todo.append(candidate)
+    return sorted(seen)
 
 
 def env_reads(app: str) -> dict[str, bool]:
@@ -52,34 +82,37 @@ def env_reads(app: str) -> dict[str, bool]:
     def note(name, has_default):
         found[name] = found.get(name, False) or has_default
 
-    for pkg in APP_PACKAGES[app]:
-        for path in pkg.rglob("*.py"):
-            tree = ast.parse(path.read_text(), str(path))
-            for node in ast.walk(tree):
-                if (
-                    isinstance(node, ast.Call)
-                    and node.args
-                    and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str)
-                ):
-                    func = node.func
-                    fname = (
-                        func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-                    )
-                    target = ast.unparse(func)
-                    if fname in ENV_READERS:
-                        note(node.args[0].value, True)
-                    elif target in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
-                        note(node.args[0].value, True)  # optional: None/default when unset
-                    elif target in ("os.environ.setdefault", "environ.setdefault"):
-                        note(node.args[0].value, True)
-                elif (
-                    isinstance(node, ast.Subscript)
-                    and ast.unparse(node.value) in ("os.environ", "environ")
-                    and isinstance(node.slice, ast.Constant)
-                ):
-                    note(node.slice.value, False)
+    for path in app_modules(app):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                func = node.func
+                fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                target = ast.unparse(func)
+                if fname in ENV_READERS:
+                    note(node.args[0].value, True)
+                elif target in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
+                    note(node.args[0].value, True)  # optional: None/default when unset
+                elif target in ("os.environ.setdefault", "environ.setdefault"):
+                    note(node.args[0].value, True)
+            elif (
+                isinstance(node, ast.Subscript)
+                and ast.unparse(node.value) in ("os.environ", "environ")
+                and isinstance(node.slice, ast.Constant)
+            ):
+                note(node.slice.value, False)
     return found
+
+
+def test_env_scan_follows_contract_imports():
+    modules = {p.relative_to(ROOT).as_posix() for p in app_modules("service-app")}
+    assert {"contract/jobs_contract/settings.py", "contract/jobs_contract/catalog.py"} <= modules
+    assert "contract/jobs_contract/access.py" not in modules  # a CLI, not imported by the apps
 
 
 def test_env_scan_finds_the_config():
@@ -170,11 +203,10 @@ def test_port_variables_equal_container_ports(rendered, overlay):
 def test_app_defaults_equal_container_ports():
     """Unset, the apps listen where the containers declare (defaults from the code)."""
     reads = {}
-    for app in APP_PACKAGES:
-        for pkg in APP_PACKAGES[app][:1]:
-            for path in pkg.rglob("*.py"):
-                for m in re.finditer(r"env_int\(\s*['\"](HTTP_PORT|METRICS_PORT)['\"]\s*,\s*(\d+)", path.read_text()):
-                    reads[(app, m.group(1))] = int(m.group(2))
+    for app, pkg in APP_PACKAGES.items():
+        for path in pkg.rglob("*.py"):
+            for m in re.finditer(r"env_int\(\s*['\"](HTTP_PORT|METRICS_PORT)['\"]\s*,\s*(\d+)", path.read_text()):
+                reads[(app, m.group(1))] = int(m.group(2))
     assert reads == {
         ("main-app", "HTTP_PORT"): 8000,
         ("main-app", "METRICS_PORT"): 9100,
