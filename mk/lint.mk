@@ -17,8 +17,6 @@ LINT_LOCKS := .github/tools
 LINT_SKIPS := .github/lint-skips.yaml
 LINT_WORKFLOWS = $(sort $(wildcard .github/workflows/*.yml .github/workflows/*.yaml))
 LINT_DEPENDABOT := .github/dependabot.yml
-# Every YAML file git tracks or would track (untracked, not ignored), that exists.
-LINT_YAML = $(wildcard $(shell git ls-files --cached --others --exclude-standard -- '*.yml' '*.yaml' 2>/dev/null))
 LINT_REPORTS ?= reports/lint
 LINT_OWN_TARGETS := lint-python lint-yaml lint-actions lint-ci-tests lint-tools lint-lock
 # Other topics' lint targets: every `lint-<name>:` rule in mk/*.mk that is not ours.
@@ -57,7 +55,7 @@ lint-python: $(LINT_VENV)/.installed ## ruff (ruff.toml: E, F, W, I, B, UP) over
 .PHONY: lint-yaml
 lint-yaml: $(LINT_VENV)/.installed ## yamllint (.yamllint.yaml) over every YAML file in the repository
 	$(LINT_VENV)/bin/yamllint --version
-	$(LINT_VENV)/bin/yamllint --config-file .yamllint.yaml $(LINT_YAML)
+	$(LINT_VENV)/bin/yamllint --config-file .yamllint.yaml .
 
 .PHONY: lint-actions
 lint-actions: $(LINT_VENV)/.installed $(LINT_CHECKOV_VENV)/.installed ## actionlint+shellcheck, JSON schemas and checkov on .github/
@@ -77,10 +75,13 @@ lint-ci-tests: $(LINT_VENV)/.installed ## tests/ci: workflows call existing make
 	  --junitxml=$(LINT_REPORTS)/ci-tests.xml tests/ci
 
 .PHONY: lint-lock
+# The locks must install on Debian 12's Python 3.11.2: cap in the .in file any package
+# whose newer releases need a later Python (see requirements-checkov.in).
 lint-lock: ## Re-resolve the lint tools' hash-locked requirements from .github/tools/*.in (needs PyPI)
 	$(LINT_PYTHON) -m venv .tools/pip-tools
 	.tools/pip-tools/bin/pip install --quiet --disable-pip-version-check 'pip-tools==7.6.2'
 	for in in $(LINT_LOCKS)/requirements-lint.in $(LINT_LOCKS)/requirements-checkov.in; do \
+	  PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= \
 	  .tools/pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 	    --no-emit-index-url --no-emit-find-links --output-file "$${in%.in}.txt" "$$in"; \
 	done

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -106,10 +108,10 @@ def test_only_the_docker_hub_secrets_and_only_in_images(workflows):
             assert not used, f"{path.name} must not use secrets: {sorted(used)}"
 
 
-def test_ci_runs_lint_tests_k8s_proof_and_image_tests(workflows):
+def test_ci_runs_lint_tests_k8s_proof_image_chaos_and_observability_tests(workflows):
     ci = workflows["ci.yml"]
     assert {"pull_request", "push"} <= set(triggers(ci))
-    assert {"lint", "test", "test-k8s", "test-images"} <= _make_goals(ci)
+    assert {"lint", "test", "run", "test-k8s", "test-images", "test-chaos", "test-observability"} <= _make_goals(ci)
 
 
 def test_ci_caches_pip_and_uploads_reports(workflows):
@@ -169,6 +171,13 @@ def test_dependabot_covers_pip_docker_and_actions():
             assert (ROOT / directory.lstrip("/")).is_dir(), f"dependabot {ecosystem}: {directory} does not exist"
     for directory in ecosystems["docker"]:
         assert (ROOT / directory.lstrip("/") / "Dockerfile").is_file()
+    # Every directory with a pinned requirements file, and every Dockerfile, gets updates.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    locks = re.compile(r"(^|/)requirements[^/]*\.txt$|^requirements/")
+    pip_dirs = {"/" + str(Path(f).parent) for f in tracked if locks.search(f)}
+    docker_dirs = {"/" + str(Path(f).parent) for f in tracked if Path(f).name == "Dockerfile"}
+    assert not pip_dirs - set(ecosystems["pip"]), "pinned requirements that Dependabot does not update"
+    assert not docker_dirs - set(ecosystems["docker"]), "Dockerfiles that Dependabot does not update"
 
 
 def test_checkov_skips_all_have_reasons():
