@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import ast
 import base64
+import importlib.util
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,7 +175,11 @@ def test_shared_settings_agree(rendered, overlay):
     docs = rendered[overlay]
     main, worker = container_env(docs, "main-app"), container_env(docs, "service-app")
     both = set(env_reads("main-app")) & set(env_reads("service-app"))
-    per_app = {"METRICS_HOST", "METRICS_PORT", "DECLARE_TOPOLOGY"}
+    # Each app connects as its own least-privilege RabbitMQ user, to the same broker.
+    per_app = {"METRICS_HOST", "METRICS_PORT", "RABBITMQ_URL"}
+    assert main["RABBITMQ_URL"].split("@")[1] == worker["RABBITMQ_URL"].split("@")[1]
+    assert main["RABBITMQ_URL"].startswith("amqp://main-app:")
+    assert worker["RABBITMQ_URL"].startswith("amqp://service-app:")
     for name in sorted(both - per_app):
         assert main.get(name) == worker.get(name), (
             f"{name}: main-app {main.get(name)!r} != service-app {worker.get(name)!r}"
@@ -248,28 +255,89 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def secret_data(docs, name: str) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", name)["data"].items()}
+
+
+class RedisServer:
+    """redis-server with the ci StatefulSet's own arguments (password from its Secret)."""
+
+    def __init__(self, docs, base: Path):
+        (container,) = pod_spec(find(docs, "StatefulSet", "redis"))["containers"]
+        password = secret_data(docs, secret_name(docs, "redis-credentials"))["REDIS_PASSWORD"]
+        args = [a.replace("$(REDIS_PASSWORD)", password) for a in container["args"]]
+        base.mkdir(parents=True, exist_ok=True)
+        args[args.index("--dir") + 1] = str(base)
+        self.port = free_port()
+        server = shutil.which("redis-server") or pytest.fail("redis-server missing: `make services-deps`")
+        self.proc = subprocess.Popen(
+            [server, *args, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no"],
+            stdout=open(base / "redis.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def local_url(url: str, host: str, port: int) -> str:
+    """The in-cluster URL of a Secret, pointed at the private node (credentials kept)."""
+    return re.sub(rf"@{host}:\d+/", f"@127.0.0.1:{port}/", url)
+
+
 @pytest.fixture(scope="module")
-def backends(tmp_path_factory):
+def backends(rendered, tmp_path_factory):
+    """Private RabbitMQ booted with the ci overlay's definitions (its users, permissions
+    and topology) and Redis with the ci StatefulSet's arguments and password."""
     if not (VENV_BIN / "python").exists():
         pytest.fail("the project venv is missing: run `make venv` (make test-k8s does)")
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from stack import RabbitNode, RedisNode  # the local stack's helper (scripts/stack.py)
+        from stack import RabbitNode  # the local stack's helper (scripts/stack.py)
     finally:
         sys.path.pop(0)
+    docs = rendered["ci"]
+    definitions = json.loads(secret_data(docs, secret_name(docs, "rabbitmq-definitions"))["definitions.json"])
+    admin = secret_data(docs, secret_name(docs, "rabbitmq-credentials"))
     base = tmp_path_factory.mktemp("stack")
-    rabbit = RabbitNode(base / "rabbitmq", name=f"k8s-test-{os.getpid()}")
-    redis = RedisNode(base / "redis")
+    rabbit = RabbitNode(
+        base / "rabbitmq",
+        name=f"k8s-test-{os.getpid()}",
+        user=admin["RABBITMQ_ADMIN_USER"],
+        password=admin["RABBITMQ_ADMIN_PASSWORD"],
+        definitions=definitions,
+    )
+    redis = None
     try:
         rabbit.start(timeout=90)
-        redis.start()
+        redis = RedisServer(docs, base / "redis")
+        wait_port(redis.port, 15)
     except Exception as exc:  # noqa: BLE001
         rabbit.stop()
-        redis.stop()
+        if redis:
+            redis.stop()
         pytest.fail(f"private RabbitMQ/Redis did not start ({exc}); `make services-deps` installs them")
     yield rabbit, redis
     rabbit.stop()
     redis.stop()
+
+
+def secret_name(docs, prefix: str) -> str:
+    names = [o["metadata"]["name"] for o in docs if o["kind"] == "Secret"]
+    return next(n for n in names if n == prefix or n.startswith(prefix + "-"))
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing on 127.0.0.1:{port}")
 
 
 class App:
@@ -295,7 +363,8 @@ class App:
 
 @pytest.fixture(scope="module")
 def system(rendered, backends, tmp_path_factory):
-    """main-app and one service-app worker, configured as the ci overlay configures them."""
+    """main-app and one service-app worker, configured as the ci overlay configures them:
+    its ConfigMaps and its Secrets (each app connects as its own RabbitMQ user)."""
     rabbit, redis = backends
     docs = rendered["ci"]
     work = tmp_path_factory.mktemp("apps")
@@ -307,11 +376,13 @@ def system(rendered, backends, tmp_path_factory):
     ports = {"http": free_port(), "main-metrics": free_port(), "worker-metrics": free_port()}
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '/usr/bin:/bin')}"
+    main = container_env(docs, "main-app")
+    worker = container_env(docs, "service-app")
     main_env = {
         **base_env,
-        **container_env(docs, "main-app"),
-        "RABBITMQ_URL": rabbit.url,
-        "REDIS_URL": redis.url,
+        **main,
+        "RABBITMQ_URL": local_url(main["RABBITMQ_URL"], "rabbitmq", rabbit.amqp_port),
+        "REDIS_URL": local_url(main["REDIS_URL"], "redis", redis.port),
         "API_TOKENS_FILE": str(token_file),
         "HTTP_HOST": "127.0.0.1",
         "HTTP_PORT": str(ports["http"]),
@@ -321,9 +392,9 @@ def system(rendered, backends, tmp_path_factory):
     }
     worker_env = {
         **base_env,
-        **container_env(docs, "service-app"),
-        "RABBITMQ_URL": rabbit.url,
-        "REDIS_URL": redis.url,
+        **worker,
+        "RABBITMQ_URL": local_url(worker["RABBITMQ_URL"], "rabbitmq", rabbit.amqp_port),
+        "REDIS_URL": local_url(worker["REDIS_URL"], "redis", redis.port),
         "METRICS_HOST": "127.0.0.1",
         "METRICS_PORT": str(ports["worker-metrics"]),
     }
@@ -480,3 +551,21 @@ def test_metric_names_in_keda_and_rules_are_exposed(system):
     missing = sorted(used - exposed)
     assert not missing, f"used by KEDA/PrometheusRules but not exposed: {missing}"
     assert re.search(r'rabbitmq_detailed_queue_messages_ready\{[^}]*queue="jobs"', sources["rabbitmq"])
+
+
+def test_broker_boots_with_least_privilege_users_from_the_overlay(backends):
+    """The ci overlay's definitions load: an admin and one user per app whose
+    permissions are the contract's (jobs_contract.access.PERMISSIONS)."""
+    rabbit, _ = backends
+    out = rabbit.ctl("list_permissions", "-p", "/", "-q", "--no-table-headers")
+    perms = {line.split("\t")[0]: tuple(line.split("\t")[1:4]) for line in out.splitlines() if line.strip()}
+    spec = importlib.util.spec_from_file_location("gen_secrets", ROOT / "k8s/scripts/gen-secrets.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    access = gen.load_access()
+    for user, p in access.PERMISSIONS.items():
+        assert perms[user] == (p.configure, p.write, p.read), user
+    assert len(perms) == len(access.PERMISSIONS) + 1  # + the admin
+    assert "guest" not in rabbit.ctl("list_users")
+    queues = rabbit.ctl("list_queues", "-q", "--no-table-headers", "name", "type")
+    assert re.search(r"^jobs\s+quorum$", queues, re.M), queues

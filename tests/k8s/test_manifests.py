@@ -334,6 +334,7 @@ def test_local_overlays_single_broker_and_generated_secrets(rendered, overlay):
         "main-app-credentials",
         "service-app-credentials",
         "main-app-api-tokens",
+        "rabbitmq-definitions",
     }
 
 
@@ -405,6 +406,7 @@ def test_referenced_config_and_secret_keys_exist(rendered, variant):
         "main-app-credentials",
         "service-app-credentials",
         "main-app-api-tokens",
+        "rabbitmq-definitions",
     }
     docs_text = (Path(__file__).resolve().parents[2] / "docs/kubernetes.md").read_text()
     problems = []
@@ -432,3 +434,19 @@ def test_scaler_queries_select_the_deployed_namespace(rendered, variant):
     queries = [t["metadata"]["query"] for o in docs if o["kind"] == "ScaledObject" for t in o["spec"]["triggers"]]
     for query in queries:
         assert set(re.findall(r'namespace="([^"]+)"', query)) == namespaces, query
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_rabbitmq_loads_definitions_from_the_mounted_secret(rendered, variant):
+    docs = rendered[variant]
+    spec = pod_spec(find(docs, "StatefulSet", "rabbitmq"))
+    (container,) = spec["containers"]
+    cm_name = next(v["configMap"]["name"] for v in spec["volumes"] if v["name"] == "config")
+    conf = find(docs, "ConfigMap", cm_name)["data"]["10-base.conf"]
+    path = re.search(r"^load_definitions = (\S+)$", conf, re.M).group(1)
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"].startswith("rabbitmq-definitions")
+    assert [i["path"] for i in volume["secret"]["items"]] == [path[len(mount["mountPath"]) + 1 :]]
+    # No credentials in the broker's environment: users come from the definitions.
+    assert not [e for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]

@@ -10,6 +10,8 @@ rabbitmq/cluster/cluster.conf) are checked only when the installed version has t
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
 import sys
 import urllib.request
@@ -20,7 +22,9 @@ import pytest
 from conftest import ROOT
 
 RABBITMQ_LIB = Path("/usr/lib/rabbitmq/lib")
-PORT_KEYS = ("listeners.tcp.", "management.tcp.port", "prometheus.tcp.port")
+# Replaced for the test node: ports, and the definitions path (the Secret's mount point
+# in the pod; here a file with definitions generated the way the overlays make them).
+PORT_KEYS = ("listeners.tcp.", "management.tcp.port", "prometheus.tcp.port", "load_definitions")
 
 
 def installed_version() -> tuple[int, ...]:
@@ -58,7 +62,9 @@ def node_class():
 
         def write_config(self) -> None:
             super().write_config()
+            theirs = (self.base_dir / "rabbitmq.conf").read_text().splitlines()
             ours = [
+                *[line for line in theirs if line.startswith("load_definitions")],
                 f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}",
                 f"default_user = {self.user}",
                 f"default_pass = {self.password}",
@@ -73,10 +79,28 @@ def node_class():
     return ProjectConfNode, free_port
 
 
+def generated_definitions() -> tuple[dict, str, str]:
+    """Definitions and admin credentials exactly as k8s/scripts/gen-secrets.py makes them."""
+    spec = importlib.util.spec_from_file_location("gen_secrets", ROOT / "k8s/scripts/gen-secrets.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    files = gen.render()
+    env = dict(line.split("=", 1) for line in files["rabbitmq.env"].splitlines())
+    return json.loads(files["definitions.json"]), env["RABBITMQ_ADMIN_USER"], env["RABBITMQ_ADMIN_PASSWORD"]
+
+
 def boot(node_class, tmp_path, extra, plugin_list):
     cls, free_port = node_class
     cls.extra = extra
-    node = cls(tmp_path / "rabbitmq", name=f"k8s-conf-{tmp_path.name[-8:]}", plugins=plugin_list)
+    definitions, user, password = generated_definitions()
+    node = cls(
+        tmp_path / "rabbitmq",
+        name=f"k8s-conf-{tmp_path.name[-8:]}",
+        plugins=plugin_list,
+        definitions=definitions,
+        user=user,
+        password=password,
+    )
     node.management_port = free_port()
     try:
         node.start(timeout=90)
@@ -87,6 +111,11 @@ def boot(node_class, tmp_path, extra, plugin_list):
     return node
 
 
+def test_base_config_loads_definitions_from_the_secret_mount():
+    conf = (ROOT / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert "load_definitions = /etc/rabbitmq/definitions/definitions.json" in conf
+
+
 def test_base_config_boots_and_applies(node_class, tmp_path):
     extra = conf_lines(ROOT / "rabbitmq" / "rabbitmq.conf")
     node = boot(node_class, tmp_path, extra, plugins(ROOT / "rabbitmq" / "enabled_plugins"))
@@ -94,7 +123,10 @@ def test_base_config_boots_and_applies(node_class, tmp_path):
         assert "1800000" in node.ctl("eval", "application:get_env(rabbit, consumer_timeout).")
         assert "0.6" in node.ctl("eval", "application:get_env(rabbit, vm_memory_high_watermark).")
         out = node.ctl("list_users")
-        assert node.user in out and "guest" not in out  # the default user replaces guest
+        # Users from the definitions (no default/guest user when definitions load at boot).
+        assert {node.user, "main-app", "service-app"} <= set(re.findall(r"^(\S+)\t", out, re.M))
+        assert "guest" not in out
+        assert re.search(r"^jobs\s+quorum$", node.ctl("list_queues", "-q", "--no-table-headers", "name", "type"), re.M)
         url = f"http://127.0.0.1:{node.prometheus_port}/metrics/detailed?family=queue_coarse_metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             assert resp.status == 200
