@@ -314,12 +314,16 @@ def test_alert_rules_are_healthy_and_behave(scenario):
     rules = {r["name"]: r for r in scenario.prom.rules() if r["type"] == "alerting"}
     assert set(rules) == set(alerts)
     assert all(r["health"] == "ok" for r in rules.values()), [(n, r.get("lastError")) for n, r in rules.items()]
-    firing = {(a["labels"]["alertname"], a["state"]) for a in scenario.prom.alerts()}
-    # dead letters in the last 15 min, no `for`: firing; nothing else may fire or be pending
-    assert ("JobsDeadLettering", "firing") in firing, firing
-    others = {a for a in firing if a[0] != "JobsDeadLettering"}
-    # failed jobs are 5+5 of 45+5 processed: JobsWorkerHighFailureRate may be pending (for: 10m)
-    assert others <= {("JobsWorkerHighFailureRate", "pending")}, others
+    states = {(a["labels"]["alertname"], a["state"]) for a in scenario.prom.alerts()}
+    firing = {name for name, state in states if state == "firing"}
+    pending = {name for name, state in states if state == "pending"}
+    # dead letters in the last 15 min and no `for`: fires at once
+    assert firing == {"JobsDeadLettering"}, states
+    # true but not yet for long enough: 60 ready messages not draining (saturated workers) and
+    # 10 messages in jobs.dead
+    assert {"JobsBacklogDrainTooSlow", "JobsDeadLetterQueueNotEmpty"} <= pending, states
+    # 10 of ~60 jobs failed on purpose: the failure-ratio alert may be pending too; nothing else
+    assert pending <= {"JobsBacklogDrainTooSlow", "JobsDeadLetterQueueNotEmpty", "JobsWorkerHighFailureRate"}, states
 
 
 def test_promtool_rules_unit_tests_on_the_same_rules(scenario, tmp_path):
@@ -344,7 +348,10 @@ def test_promtool_check_metrics(scenario, app):
 
 def test_label_cardinality_is_bounded(scenario):
     series = scenario.prom.api("series", **{"match[]": '{__name__=~"jobs_.+"}'})
-    assert len(series) < 600, len(series)
+    per_pod: dict[str, int] = {}
+    for s in series:
+        per_pod[s["pod"]] = per_pod.get(s["pod"], 0) + 1
+    assert max(per_pod.values()) < 400, per_pod  # bounded by routes x methods x statuses x buckets
     ids = [s for s in series if any(UUID.search(v) for k, v in s.items() if k != "__name__")]
     assert not ids, ids[:3]
     routes = {s["route"] for s in series if "route" in s}
@@ -359,3 +366,23 @@ def test_label_cardinality_is_bounded(scenario):
 def test_first_events_are_visible_to_rate(scenario):
     increase = scenario.value("sum(increase(jobs_worker_dead_lettered_total[10m]))")
     assert increase is not None and increase >= 0.9 * scenario.dead_lettered, (increase, scenario.dead_lettered)
+
+
+# ----------------------------------------------------------------------------- dashboard
+# Series that the local stack cannot have: kube-state-metrics (cluster only) and counters
+# whose labelled series only exist after a first event (no rejection happened here).
+MAY_BE_EMPTY = ("kube_", "jobs_api_jobs_rejected_total")
+
+
+def test_dashboard_queries_run_on_the_real_prometheus(scenario):
+    import json
+
+    dashboard = json.loads((ROOT / "k8s" / "components" / "monitoring" / "grafana-dashboard-jobs.json").read_text())
+    empty = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$namespace", scenario.manifests.namespace)
+            result = scenario.prom.query(expr, scenario.eval_at)  # raises on a PromQL error
+            if not result and not any(m in expr for m in MAY_BE_EMPTY):
+                empty.append((panel["title"], expr))
+    assert not empty, empty
