@@ -58,15 +58,15 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
     @app.after_request
     def observe(response: Response) -> Response:
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+        metrics.child(metrics.HTTP_REQUESTS, route, request.method, str(response.status_code)).inc()
         if "started" in g:
-            metrics.HTTP_LATENCY.labels(route, request.method).observe(time.perf_counter() - g.started)
+            metrics.child(metrics.HTTP_LATENCY, route, request.method).observe(time.perf_counter() - g.started)
         return response
 
     @app.errorhandler(Problem)
     def problem(exc: Problem) -> Response:
         if request.url_rule and request.url_rule.endpoint == "submit":
-            metrics.JOBS_REJECTED.labels(exc.reason).inc()
+            metrics.child(metrics.JOBS_REJECTED, exc.reason).inc()
         return exc.response(request.path)
 
     @app.errorhandler(HTTPException)
@@ -99,7 +99,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
             raise unavailable("the job store is unavailable; the job was not accepted", "store_unavailable") \
                 from None
         finally:
-            metrics.STORE_LATENCY.labels(operation).observe(time.perf_counter() - started)
+            metrics.child(metrics.STORE_LATENCY, operation).observe(time.perf_counter() - started)
 
     @app.post("/jobs", endpoint="submit")
     @app.post("/user-request-job", endpoint="submit")
@@ -155,7 +155,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
                 store.confirm_idempotency(client, key, job_id, idempotency[1])
             except redis.RedisError:
                 log.warning("job %s accepted, but its Idempotency-Key could not be confirmed", job_id)
-        metrics.JOBS_ACCEPTED.labels(job_type).inc()
+        metrics.child(metrics.JOBS_ACCEPTED, job_type).inc()
         return accepted({"id": job_id, "type": job_type, "status": "queued", "created_at": created_at})
 
     def replay(existing, body_hash: str) -> Response:

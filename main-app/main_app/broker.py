@@ -6,6 +6,7 @@ broker's confirm of their own message (matched by delivery tag), so the
 process is not capped at one confirm round trip at a time.
 """
 
+import collections
 import logging
 import random
 import threading
@@ -36,6 +37,10 @@ class Publisher:
         self._pending: dict[int, tuple[Future, str | None]] = {}
         self._returned: set[str] = set()
         self._delivery_tag = 0
+        # Messages handed over by request threads, published by the loop thread.
+        self._outbox: collections.deque = collections.deque()
+        self._outbox_lock = threading.Lock()
+        self._wake_pending = False
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._connected_once = False
@@ -59,12 +64,22 @@ class Publisher:
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
         future: Future = Future()
-        connection.ioloop.add_callback_threadsafe(
-            lambda: self._publish_on_loop(exchange, routing_key, body, properties, future)
-        )
+        self._outbox.append((exchange, routing_key, body, properties, future))
+        # Wake the loop only if no wake-up is pending already: under load one wake-up
+        # (a write to pika's interrupt socket) carries many messages.
+        with self._outbox_lock:
+            wake = not self._wake_pending
+            self._wake_pending = True
+        if wake:
+            try:
+                connection.ioloop.add_callback_threadsafe(self._publish_outbox)
+            except Exception:  # that connection's loop is gone; the next connection drains the outbox
+                pass
         try:
             future.result(timeout)
         except FutureTimeout:
+            # Not handed to the broker yet: make sure it never is (the caller answers 503).
+            future.cancel()
             raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -136,6 +151,10 @@ class Publisher:
     def _on_confirm_mode(self, _frame) -> None:
         self._delivery_tag = 0
         self._connected_once = True
+        # A wake-up sent to the previous connection's loop was lost with it: start afresh.
+        with self._outbox_lock:
+            self._wake_pending = False
+        self._publish_outbox()
         self._ready.set()
         log.info("connected to RabbitMQ, publishing with confirms")
         if self._on_reconnect is not None:
@@ -153,8 +172,21 @@ class Publisher:
         elif self._connection is not None:
             self._connection.ioloop.stop()
 
+    def _publish_outbox(self) -> None:
+        with self._outbox_lock:
+            self._wake_pending = False
+        outbox = self._outbox
+        while outbox:
+            try:
+                item = outbox.popleft()
+            except IndexError:
+                break
+            self._publish_on_loop(*item)
+
     def _publish_on_loop(self, exchange, routing_key, body, properties, future: Future) -> None:
-        if self._channel is None or not self._channel.is_open or not self._ready.is_set():
+        if not future.set_running_or_notify_cancel():
+            return  # its request gave up waiting and answered 503: never publish it
+        if self._channel is None or not self._channel.is_open:
             future.set_exception(BrokerUnavailable("not connected to RabbitMQ"))
             return
         try:
@@ -199,4 +231,11 @@ class Publisher:
         self._returned.clear()
         for future, _ in pending.values():
             if not future.done():
+                future.set_exception(BrokerUnavailable(reason))
+        while self._outbox:  # handed over but not published: fail them now rather than at their timeout
+            try:
+                future = self._outbox.popleft()[-1]
+            except IndexError:
+                break
+            if future.set_running_or_notify_cancel():
                 future.set_exception(BrokerUnavailable(reason))

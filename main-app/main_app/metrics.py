@@ -14,7 +14,9 @@ HTTP_LATENCY = Histogram(
 HTTP_IN_PROGRESS = Gauge(
     "jobs_api_http_requests_in_progress", "HTTP requests being served", multiprocess_mode="livesum"
 )
-JOBS_ACCEPTED = Counter("jobs_api_jobs_accepted_total", "Jobs accepted (recorded and confirmed by the broker)", ["type"])
+JOBS_ACCEPTED = Counter(
+    "jobs_api_jobs_accepted_total", "Jobs accepted (recorded and confirmed by the broker)", ["type"]
+)
 JOBS_REJECTED = Counter("jobs_api_jobs_rejected_total", "Job submissions refused, by reason", ["reason"])
 PUBLISH_LATENCY = Histogram(
     "jobs_api_publish_duration_seconds", "Publish until broker confirm", buckets=LATENCY_BUCKETS
@@ -22,3 +24,15 @@ PUBLISH_LATENCY = Histogram(
 STORE_LATENCY = Histogram(
     "jobs_api_store_duration_seconds", "Job store operation latency", ["operation"], buckets=LATENCY_BUCKETS
 )
+
+_children: dict = {}
+
+
+def child(metric, *labels: str):
+    """metric.labels(*labels), remembered: the label sets are few (routes, methods, statuses,
+    job types, reasons) and labels() costs a lock and validation on every request."""
+    key = (metric, labels)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*labels)
+    return found
