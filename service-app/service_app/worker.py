@@ -7,6 +7,7 @@ on a pool of WORKER_CONCURRENCY threads; their broker actions are handed back
 to the main thread with add_callback_threadsafe.
 """
 
+import collections
 import ctypes
 import logging
 import random
@@ -66,6 +67,15 @@ class Worker:
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
         self._retry_channel = None
+        # Outcomes handed back by job threads, settled by the main thread in batches: one
+        # wake-up of the connection for many, and one `multiple` ack where the tags allow.
+        self._settles: collections.deque = collections.deque()
+        self._settle_lock = threading.Lock()
+        self._settle_pending = False
+        # Delivery tags of the current channel not yet acked or rejected (main thread only):
+        # exactly the broker's unacked set, so a `multiple` ack never covers a message
+        # that has no recorded outcome.
+        self._outstanding: set[int] = set()
         self.beat = lambda: None
         metrics.CONCURRENCY.set(settings.concurrency)
         metrics.BUSY_RATIO.set(0)
@@ -108,10 +118,14 @@ class Worker:
         self._retry_channel = self._connection.channel()
         self._retry_channel.confirm_delivery()
         self._channel = channel
+        self._outstanding = set()
         with self._lock:
             self._generation += 1
             generation = self._generation
             self._unsettled = {generation: 0}
+        with self._settle_lock:  # a wake-up sent to the previous connection was lost with it
+            self._settle_pending = False
+        self._settle_all()
         channel.basic_consume(topology.QUEUE, on_message_callback=partial(self._on_message, generation))
         self.connected.set()
         log.info("consuming from %r (concurrency %d, prefetch %d)", topology.QUEUE, self.settings.concurrency,
@@ -158,17 +172,50 @@ class Worker:
             return
         with self._lock:
             self._unsettled[generation] = self._unsettled.get(generation, 0) + 1
+        self._outstanding.add(method.delivery_tag)
         self.executor.submit(self._process, generation, method.delivery_tag, job)
 
-    def _settle(self, generation: int, delivery_tag: int, job: JobMessage, settle: Settle) -> None:
+    def _settle_all(self) -> None:
+        """Settle every outcome handed back so far (main thread)."""
+        with self._settle_lock:
+            self._settle_pending = False
+        acks: list[int] = []
+        while self._settles:
+            try:
+                generation, delivery_tag, job, settle = self._settles.popleft()
+            except IndexError:
+                break
+            if self._settle(generation, delivery_tag, job, settle):
+                acks.append(delivery_tag)
+        if acks:
+            self._ack(acks)
+
+    def _ack(self, tags: list[int]) -> None:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return
+        outstanding = self._outstanding
+        outstanding.difference_update(tags)
+        # One `multiple` ack covers the tags below every message still unsettled.
+        lowest_unsettled = min(outstanding, default=None)
+        covered = [t for t in tags if lowest_unsettled is None or t < lowest_unsettled]
+        if len(covered) > 1:
+            channel.basic_ack(max(covered), multiple=True)
+            tags = [t for t in tags if lowest_unsettled is not None and t > lowest_unsettled]
+        for tag in tags:
+            channel.basic_ack(tag)
+
+    def _settle(self, generation: int, delivery_tag: int, job: JobMessage, settle: Settle) -> bool:
+        """Settle one message; True means: ack it (the caller acks the batch)."""
         self._release(generation)
         with self._lock:
             current = generation == self._generation
         if not current or self._channel is None or not self._channel.is_open:
-            return  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
+            return False  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
         if settle.action == "ack":
-            self._channel.basic_ack(delivery_tag)
-        elif settle.action == "retry":
+            return True
+        self._outstanding.discard(delivery_tag)
+        if settle.action == "retry":
             retry = job.next_attempt()
             body, properties = retry.encode()
             properties.expiration = str(max(1, int(settle.delay_seconds * 1000)))
@@ -179,6 +226,7 @@ class Worker:
         else:
             metrics.DEAD_LETTERED.labels(settle.reason).inc()
             self._channel.basic_reject(delivery_tag, requeue=False)
+        return False
 
     def _unsettled_count(self) -> int:
         with self._lock:
@@ -219,10 +267,15 @@ class Worker:
         if settle is None or connection is None:
             self._release(generation)
             return
-        try:
-            connection.add_callback_threadsafe(partial(self._settle, generation, delivery_tag, job, settle))
-        except Exception:  # connection closed meanwhile: redelivered later
-            self._release(generation)
+        self._settles.append((generation, delivery_tag, job, settle))
+        with self._settle_lock:
+            wake = not self._settle_pending
+            self._settle_pending = True
+        if wake:
+            try:
+                connection.add_callback_threadsafe(self._settle_all)
+            except Exception:  # connection closed meanwhile: the broker redelivers the message
+                self._release(generation)
 
     def _run(self, job: JobMessage) -> Settle:
         settings = self.settings
@@ -304,6 +357,52 @@ def backoff_seconds(attempt: int, base: float, cap: float) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+class _Watchdog:
+    """One thread that raises JobTimeout inside job threads past their deadline.
+
+    A threading.Timer per job would start (and tear down) a thread for every message;
+    this keeps one deadline per running job (at most WORKER_CONCURRENCY of them).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}  # job thread id -> monotonic deadline
+        self._thread: threading.Thread | None = None
+
+    def arm(self, thread_id: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            earliest = min(self._deadlines.values(), default=None)
+            self._deadlines[thread_id] = deadline
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="job-timeouts", daemon=True)
+                self._thread.start()
+            elif earliest is None or deadline < earliest:
+                self._cond.notify()
+
+    def disarm(self, thread_id: int) -> None:
+        """After this returns, no timeout is raised in that thread for its current job."""
+        with self._cond:
+            self._deadlines.pop(thread_id, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if not self._deadlines:
+                    self._cond.wait()
+                    continue
+                now = time.monotonic()
+                expired = [tid for tid, deadline in self._deadlines.items() if deadline <= now]
+                for thread_id in expired:
+                    del self._deadlines[thread_id]
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(JobTimeout))
+                if not expired:
+                    self._cond.wait(min(self._deadlines.values()) - now)
+
+
+_watchdog = _Watchdog()
+
+
 def run_with_timeout(handler, payload, ctx: JobContext, timeout: float):
     """Run handler in this thread; past the timeout, raise JobTimeout inside it.
 
@@ -311,23 +410,11 @@ def run_with_timeout(handler, payload, ctx: JobContext, timeout: float):
     so a handler blocked in one long C call is interrupted when that call returns.
     """
     thread_id = threading.get_ident()
-    guard = threading.Lock()
-    state = {"running": True}
-
-    def interrupt() -> None:
-        with guard:
-            if state["running"]:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(JobTimeout))
-
-    timer = threading.Timer(timeout, interrupt)
-    timer.daemon = True
-    timer.start()
+    _watchdog.arm(thread_id, timeout)
     try:
         try:
             return handler(payload, ctx)
         finally:
-            with guard:
-                state["running"] = False
-            timer.cancel()
+            _watchdog.disarm(thread_id)
     except JobTimeout:
         raise JobTimeout(f"timed out after {timeout:g}s") from None
