@@ -34,4 +34,4 @@ $(BENCH_TOOLS)/.installed:
 
 .PHONY: bench-profile
 bench-profile: bench-deps $(BENCH_TOOLS)/.installed ## Flame graphs (py-spy) of main-app and service-app under load, in reports/bench/profile/
-	$(PY) scripts/bench/profile.py --py-spy $(BENCH_TOOLS)/bin/py-spy --out $(BENCH_REPORTS)/profile
+	$(PY) scripts/bench/pyspy_profile.py --py-spy $(BENCH_TOOLS)/bin/py-spy --out $(BENCH_REPORTS)/profile

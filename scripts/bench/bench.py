@@ -179,6 +179,21 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time used so far by these processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -222,6 +237,18 @@ class Gunicorn:
         self.proc.start()
         wait_http(self.url + ready_path, 60)
         return self
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def load(self, seconds: float, connections: int) -> dict[str, Any]:
+        """wrk against POST /jobs, plus the CPU time the server's processes spent per request."""
+        pids = self.pids()
+        before = cpu_seconds(pids)
+        result = run_wrk(self.url, seconds, connections)
+        if result["requests"]:
+            result["cpu_us_per_req"] = (cpu_seconds(pids) - before) / result["requests"] * 1e6
+        return result
 
     def worker_rss(self) -> list[float]:
         return [r for r in (rss_mb(p) for p in children(self.proc.pid)) if r is not None]
@@ -375,7 +402,7 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
     proc = Proc(f"worker-{tag}", [str(BIN / "python"), "-m", "service_app"],
                 app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port), **env),
                 work / f"worker-{tag}.log").start()
-    samples: list[tuple[float, float, float | None]] = []  # (t, processed, rss)
+    samples: list[tuple[float, float, float | None, float]] = []  # (t, processed, rss, cpu)
     deadline = time.monotonic() + max(120, count / 200)
     try:
         while time.monotonic() < deadline:
@@ -388,7 +415,7 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
                 time.sleep(0.1)
                 continue
             done = metric_value(text, "jobs_worker_jobs_processed_total", 'outcome="succeeded"')
-            samples.append((time.perf_counter(), done, rss_mb(proc.pid)))
+            samples.append((time.perf_counter(), done, rss_mb(proc.pid), cpu_seconds([proc.pid])))
             if done >= count:
                 break
             time.sleep(0.25)
@@ -401,14 +428,17 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
 
     def time_at(fraction: float) -> float:
         target = fraction * count
-        for (t0, c0, _), (t1, c1, _) in zip(samples, samples[1:], strict=False):
+        for (t0, c0, *_), (t1, c1, *_) in zip(samples, samples[1:], strict=False):
             if c0 <= target <= c1 and c1 > c0:
                 return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
         raise RuntimeError("not enough samples")
 
     rate = 0.8 * count / (time_at(0.9) - time_at(0.1))
-    rss = [r for _, c, r in samples if r is not None and c > 0.05 * count]
-    return {"jobs_per_s": rate, "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss, default=None),
+    rss = [r for _, c, r, _ in samples if r is not None and c > 0.05 * count]
+    busy = [(c, cpu) for _, c, _, cpu in samples if 0.1 * count <= c <= 0.9 * count]
+    cpu_us = (busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0]) * 1e6 if len(busy) > 1 else None
+    return {"jobs_per_s": rate, "cpu_us_per_job": cpu_us,
+            "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss, default=None),
             "rss_mb_end": rss[-1] if rss else None, "rss_samples": len(rss)}
 
 
@@ -521,10 +551,11 @@ class Bench:
             for i in range(p.repeats):
                 for name, server in (("noop", noop), ("ingest", api)) if i % 2 == 0 else (("ingest", api),
                                                                                         ("noop", noop)):
-                    result = run_wrk(server.url, p.http_seconds, p.connections)
+                    result = server.load(p.http_seconds, p.connections)
                     result["worker_rss_mb"] = server.worker_rss()
                     log(f"{name}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
-                        f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']}")
+                        f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']} "
+                        f"cpu {result.get('cpu_us_per_req', 0):.0f} us/req")
                     self.record(name, result)
                     if name == "ingest":
                         purge(rabbit.url)

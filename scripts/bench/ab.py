@@ -1,0 +1,119 @@
+"""A/B comparison for performance work: the code at a git ref (A) against the working
+tree (B), or one settings variant against another, run side by side and interleaved on
+the same private nodes, so a busy machine skews both alike.
+
+    python scripts/bench/ab.py ingest --ref HEAD --rounds 4
+    python scripts/bench/ab.py ingest --ref WORKTREE --env-b GUNICORN_THREADS=16
+    python scripts/bench/ab.py worker --ref HEAD --jobs 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pika
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+PACKAGES = ("main-app/main_app", "service-app/service_app", "contract/jobs_contract")
+
+
+def checkout(ref: str, into: Path) -> str:
+    """Copy the three packages at `ref` into `into`; return a PYTHONPATH that puts them first."""
+    archive = subprocess.run(["git", "archive", ref, *PACKAGES], cwd=bench.ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return os.pathsep.join(str(into / p.split("/")[0]) for p in PACKAGES)
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("ingest", "worker"))
+    parser.add_argument("--ref", default="HEAD", help="git ref for A, or WORKTREE to run the working tree as A too")
+    parser.add_argument("--env-a", nargs="*", default=[])
+    parser.add_argument("--env-b", nargs="*", default=[])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="jobs-ab-"))
+    env_a, env_b = parse_env(args.env_a), parse_env(args.env_b)
+    if args.ref != "WORKTREE":
+        (work / "a").mkdir()
+        env_a["PYTHONPATH"] = checkout(args.ref, work / "a")
+    rabbit = bench.RabbitNode(work / "rabbitmq", name=f"jobs-ab-{os.getpid()}")
+    store_node = bench.RedisNode(work / "redis")
+    servers: list[bench.Gunicorn] = []
+    results: dict[str, list[float]] = {"A": [], "B": []}
+    cpu: dict[str, list[float]] = {"A": [], "B": []}
+    try:
+        rabbit.start()
+        store_node.start()
+        store = redis.Redis.from_url(store_node.url)
+        connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+        bench.topology.declare(connection.channel())
+        connection.close()
+        variants = {"A": env_a, "B": env_b}
+        if args.what == "ingest":
+            for name, env in variants.items():
+                server = bench.Gunicorn(f"api-{name}", ["main_app.wsgi:app"],
+                                        bench.app_env(rabbit, store_node, **env), work).start("/readyz")
+                servers.append(server)
+                bench.run_wrk(server.url, 2, args.connections)
+            for i in range(args.rounds):
+                order = ("A", "B") if i % 2 == 0 else ("B", "A")
+                for name in order:
+                    server = servers[0] if name == "A" else servers[1]
+                    r = server.load(args.seconds, args.connections)
+                    results[name].append(r["rps"])
+                    cpu[name].append(r["cpu_us_per_req"])
+                    bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
+                              f"cpu {r['cpu_us_per_req']:.0f} us/req "
+                              f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
+                    bench.purge(rabbit.url)
+                    store.flushdb()
+        else:
+            for i in range(args.rounds):
+                order = ("A", "B") if i % 2 == 0 else ("B", "A")
+                for name in order:
+                    bench.prefill_jobs(rabbit.url, store, args.jobs)
+                    r = bench.worker_drain(rabbit, store_node, work, args.jobs, f"{name}{i}", variants[name])
+                    results[name].append(r["jobs_per_s"])
+                    cpu[name].append(r["cpu_us_per_job"])
+                    bench.log(f"{name}: {r['jobs_per_s']:.0f} jobs/s cpu {r['cpu_us_per_job']:.0f} us/job "
+                              f"RSS max {r['rss_mb_max']:.1f} MB "
+                              f"load {os.getloadavg()[0]:.1f}")
+                    bench.purge(rabbit.url)
+                    store.flushdb()
+    finally:
+        for server in servers:
+            server.proc.stop()
+        store_node.stop()
+        rabbit.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    a, b = statistics.median(results["A"]), statistics.median(results["B"])
+    ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]
+    print(f"A ({args.ref} {args.env_a}): median {a:.0f}/s {results['A']}, "
+          f"CPU {statistics.median(cpu['A']):.0f} us each (app processes)")
+    print(f"B (working tree {args.env_b}): median {b:.0f}/s {results['B']}, "
+          f"CPU {statistics.median(cpu['B']):.0f} us each")
+    print(f"B/A throughput: {b / a:.2f} (per round {', '.join(f'{r:.2f}' for r in ratios)}); "
+          f"B/A CPU per item: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
