@@ -58,6 +58,7 @@ def render_variant(name: str) -> list[dict]:
         doc = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
+            "namespace": "jobs",  # as the overlays: also for objects the components add
             "resources": [os.path.relpath(ROOT / p, tmp) for p in spec["resources"]],
             "components": [os.path.relpath(ROOT / p, tmp) for p in spec["components"]],
         }

@@ -450,3 +450,14 @@ def test_rabbitmq_loads_definitions_from_the_mounted_secret(rendered, variant):
     assert [i["path"] for i in volume["secret"]["items"]] == [path[len(mount["mountPath"]) + 1 :]]
     # No credentials in the broker's environment: users come from the definitions.
     assert not [e for e in container["env"] if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_everything_lands_in_the_jobs_namespace(rendered, variant):
+    cluster_scoped = {"Namespace"}
+    stray = [
+        f"{o['kind']}/{o['metadata']['name']}: {o['metadata'].get('namespace')}"
+        for o in rendered[variant]
+        if o["kind"] not in cluster_scoped and o["metadata"].get("namespace") != "jobs"
+    ]
+    assert not stray, stray
