@@ -431,6 +431,22 @@ class Fleet:
         return [w.proc.process.pid for w in self.live]
 
 
+def api_ready(start_api, rabbit_url: str, redis_url: str, **env: str):
+    """start_api, then wait for a run of ready answers on fresh connections: readiness is per
+    gunicorn worker (each has its own broker connection) and the fixture waits for one only."""
+    api = start_api(rabbit_url, redis_url, **env)
+    deadline = time.monotonic() + 30
+    streak = 0
+    while streak < 20:
+        assert time.monotonic() < deadline, "main-app workers did not all become ready"
+        try:
+            streak = streak + 1 if requests.get(f"{api.url}/readyz", timeout=2).status_code == 200 else 0
+        except requests.RequestException:
+            streak = 0
+        time.sleep(0.05)
+    return api
+
+
 def wait_ready_url(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = None

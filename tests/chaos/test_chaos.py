@@ -23,6 +23,7 @@ from chaoslib import (
     Fleet,
     Load,
     account,
+    api_ready,
     check_final_never_changed,
     metric_values,
     rss_kib,
@@ -72,7 +73,7 @@ def assert_accounted(row, accounting, watcher, allowed_other: int = 0):
 @pytest.mark.scenario("1 worker crash (kill -9 x6)")
 @pytest.mark.timeout(240)
 def test_worker_crash(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
-    api = start_api(rabbit.url, redis_node.url)
+    api = api_ready(start_api, rabbit.url, redis_node.url)
     watcher = FinishWatcher(redis_node.port).start()
     fleet = Fleet(start_worker, rabbit.url, redis_node.url, WORKER_CONCURRENCY="4")
     fleet.start(3)
@@ -102,7 +103,7 @@ def test_worker_crash(row, rabbit, redis_node, redis_client, amqp, start_api, st
 @pytest.mark.scenario("2 broker crash (kill -9 RabbitMQ)")
 @pytest.mark.timeout(240)
 def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, start_worker):
-    api = start_api(private_rabbit.url, redis_node.url, PUBLISH_TIMEOUT_SECONDS="2")
+    api = api_ready(start_api, private_rabbit.url, redis_node.url, PUBLISH_TIMEOUT_SECONDS="2")
     watcher = FinishWatcher(redis_node.port).start()
     fleet = Fleet(start_worker, private_rabbit.url, redis_node.url)
     workers = fleet.start(2)
@@ -143,7 +144,7 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
 @pytest.mark.scenario("3 store outage (stop/start Redis)")
 @pytest.mark.timeout(240)
 def test_store_outage(row, rabbit, private_redis, amqp, start_api, start_worker):
-    api = start_api(rabbit.url, private_redis.url)
+    api = api_ready(start_api, rabbit.url, private_redis.url)
     watcher = FinishWatcher(private_redis.port).start()
     fleet = Fleet(start_worker, rabbit.url, private_redis.url)
     workers = fleet.start(2)
@@ -180,7 +181,7 @@ def test_store_outage(row, rabbit, private_redis, amqp, start_api, start_worker)
 @pytest.mark.timeout(240)
 def test_rolling_restart(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
     grace = 15
-    api = start_api(rabbit.url, redis_node.url)
+    api = api_ready(start_api, rabbit.url, redis_node.url)
     watcher = FinishWatcher(redis_node.port).start()
     fleet = Fleet(start_worker, rabbit.url, redis_node.url, SHUTDOWN_GRACE_SECONDS=str(grace))
     original = fleet.start(3)
@@ -227,7 +228,7 @@ POISON = [
 @pytest.mark.scenario("5 poison messages in the queue")
 @pytest.mark.timeout(180)
 def test_poison(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
-    api = start_api(rabbit.url, redis_node.url)
+    api = api_ready(start_api, rabbit.url, redis_node.url)
     watcher = FinishWatcher(redis_node.port).start()
     fleet = Fleet(start_worker, rabbit.url, redis_node.url)
     workers = fleet.start(2)
@@ -267,7 +268,7 @@ def test_poison(row, rabbit, redis_node, redis_client, amqp, start_api, start_wo
 @pytest.mark.scenario(f"6 backlog ({BACKLOG} jobs, then workers)")
 @pytest.mark.timeout(600)
 def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
-    api = start_api(rabbit.url, redis_node.url, GUNICORN_THREADS="8")
+    api = api_ready(start_api, rabbit.url, redis_node.url, GUNICORN_THREADS="8")
     watcher = FinishWatcher(redis_node.port).start()
     submit_started = time.monotonic()
     load = Load(api.url, api.token, lambda n: {"type": "echo", "payload": {"n": n}}, total=BACKLOG,
@@ -318,7 +319,7 @@ def _stamp(text: str) -> float:
 @pytest.mark.timeout(180)
 def test_retry_exhaustion(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
     max_attempts, base, cap = 4, 0.25, 1.0
-    api = start_api(rabbit.url, redis_node.url)
+    api = api_ready(start_api, rabbit.url, redis_node.url)
     watcher = FinishWatcher(redis_node.port).start()
     fleet = Fleet(start_worker, rabbit.url, redis_node.url, MAX_ATTEMPTS=str(max_attempts),
                   RETRY_BACKOFF_BASE_SECONDS=str(base), RETRY_BACKOFF_MAX_SECONDS=str(cap))
