@@ -143,7 +143,12 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
 
 @pytest.mark.scenario("3 store outage (stop/start Redis)")
 @pytest.mark.timeout(240)
-def test_store_outage(row, rabbit, private_redis, amqp, start_api, start_worker):
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_store_outage(row, how, rabbit, private_redis, amqp, start_api, start_worker):
+    """stop: SIGTERM (Redis writes its append-only file and exits), as a pod stop would;
+    kill: kill -9 of the process (acknowledged writes are in the OS page cache already)."""
+    if how == "kill":
+        row.scenario = "3b store crash (kill -9 Redis)"
     api = api_ready(start_api, rabbit.url, private_redis.url)
     watcher = FinishWatcher(private_redis.port).start()
     fleet = Fleet(start_worker, rabbit.url, private_redis.url)
@@ -153,7 +158,7 @@ def test_store_outage(row, rabbit, private_redis, amqp, start_api, start_worker)
     time.sleep(2)
 
     stopped = time.monotonic()
-    private_redis.stop()
+    private_redis.stop() if how == "stop" else private_redis.kill()
     first_503 = load.wait_for(lambda o: o.status == 503, 15, after=stopped)
     time.sleep(3)  # running jobs finish meanwhile and wait to record their outcome
     assert requests.get(f"{api.url}/readyz", timeout=5).status_code == 503
