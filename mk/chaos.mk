@@ -48,3 +48,7 @@ lock-abuse: ## Re-resolve tests/abuse/requirements.txt (hash-pinned) from tests/
 	cd tests/abuse && PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= ../../.tools/pip-tools/bin/pip-compile --quiet \
 	  --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	  -o requirements.txt requirements.in
+
+.PHONY: chaos-docs
+chaos-docs: ## Copy the table of the last chaos run (reports/chaos/chaos.md) into docs/guarantees.md
+	$(PYTHON) scripts/chaos/update_guarantees.py
