@@ -20,8 +20,8 @@ No Kubernetes import: the preview and its tests run anywhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 TOLERANCE = 0.1
 SYNC_PERIOD_SECONDS = 15.0
@@ -207,8 +207,8 @@ def scale_down_limit(t: float, current: int, up: Sequence[_Event], down: Sequenc
     return int(result)
 
 
-def simulate(config: Config, series: Sequence[tuple[float, Mapping[str, float | None]]], start_replicas: int | None = None,
-             sync_period: float = SYNC_PERIOD_SECONDS) -> list[dict]:
+def simulate(config: Config, series: Sequence[tuple[float, Mapping[str, float | None]]],
+             start_replicas: int | None = None, sync_period: float = SYNC_PERIOD_SECONDS) -> list[dict]:
     """Replay samples [(t, {metric: value})] (sorted by t) through one HPA, syncing every
     sync_period seconds with the latest sample at or before each sync."""
     if not series:

@@ -205,7 +205,7 @@ class Prometheus:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
-    def start(self, timeout: float = 30.0) -> "Prometheus":
+    def start(self, timeout: float = 30.0) -> Prometheus:
         if not Path(self.binary).exists():
             raise RuntimeError("prometheus not installed: apt-get install --no-install-recommends prometheus")
         config = self.write_config()

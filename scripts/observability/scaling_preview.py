@@ -207,7 +207,8 @@ def main() -> int:
         base.update({"RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url, "PYTHONUNBUFFERED": "1",
                      "PATH": f"{app_bin}:{os.environ['PATH']}"})
         api_port, api_metrics = free_port(), free_port()
-        procs.append(start([str(app_bin / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
+        gunicorn = [str(app_bin / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"]
+        procs.append(start(gunicorn,
                            {**base, "API_TOKENS": TOKEN, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(api_port),
                             "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(api_metrics),
                             "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics")}, work / "main-app.log"))

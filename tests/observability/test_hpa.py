@@ -77,7 +77,7 @@ def test_scaling_policies_example_80_replicas_down_to_10():
     per_minute = seen[::4]  # one sync every 15 s; a period is 60 s
     assert per_minute[:3] == [72, 64, 57]
     below_40 = [n for n in per_minute if n < 40]
-    assert all(a - b == 4 for a, b in zip(below_40, below_40[1:]) if b > 10)
+    assert all(a - b == 4 for a, b in zip(below_40, below_40[1:], strict=False) if b > 10)
     assert seen[-1] == 10
     # never more than one step per period
     assert seen[1:4] == [72, 72, 72]
