@@ -58,7 +58,11 @@ class Row:
     re_executions: int = 0
     recover_seconds: float | None = None
     notes: str = ""
+    measurement: str = ""  # remarks on the measurement itself, added by account()
     passed: bool | None = None
+
+    def all_notes(self) -> str:
+        return "; ".join(part for part in (self.notes, self.measurement) if part)
 
 
 RESULTS: list[Row] = []
@@ -92,7 +96,7 @@ def render_markdown(rows: Iterable[Row]) -> str:
              "|" + "|".join("---" if key == "scenario" else "---:" for key, _ in COLUMNS) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row, key) for key, _ in COLUMNS) + " |")
-    notes = [f"- **{row.scenario}**: {row.notes}" for row in rows if row.notes]
+    notes = [f"- **{row.scenario}**: {row.all_notes()}" for row in rows if row.all_notes()]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -489,7 +493,15 @@ def account(row: Row, load_outcomes: list[Outcome], redis_url: str, *, timeout: 
     row.re_executions = sum(max(0, attempts - expected(i)) for i, (_, attempts) in found.items())
     if watcher is not None:
         time.sleep(0.3)  # the last MONITOR lines
-        row.duplicate_completions = sum(watcher.duplicate_completions().values())
+        # A job completes twice only if it also ran twice: a final write repeated without a
+        # second run is the same completion retried (its reply was lost as Redis went down).
+        raw = watcher.duplicate_completions()
+        runs = {i: attempts - expected(i) + 1 for i, (_, attempts) in found.items()}
+        row.duplicate_completions = sum(min(extra, max(0, runs.get(i, 1) - 1)) for i, extra in raw.items())
+        retried = sum(raw.values()) - row.duplicate_completions
+        if retried:
+            row.measurement = (f"{retried} final write(s) repeated without a second run (the reply was lost "
+                               "with Redis; the store kept the first), not counted as duplicates")
     if fault_cleared_at is not None:
         row.recover_seconds = round(finished_at - fault_cleared_at, 1)
     return Accounting(row, found)

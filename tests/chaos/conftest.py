@@ -40,8 +40,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("chaos: lost-job accounting")
     terminalreporter.write_line(chaoslib.render_text(rows))
     for entry in rows:
-        if entry.notes:
-            terminalreporter.write_line(f"  {entry.scenario}: {entry.notes}")
+        if entry.all_notes():
+            terminalreporter.write_line(f"  {entry.scenario}: {entry.all_notes()}")
     meta = {
         "finished": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.machine()}, "
