@@ -16,7 +16,7 @@ _metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 bind = [f"{env_str('HTTP_HOST', '0.0.0.0')}:{env_int('HTTP_PORT', 8000)}"]
 worker_class = "gthread"
 workers = env_int("GUNICORN_WORKERS", 2, minimum=1)
-threads = env_int("GUNICORN_THREADS", 8, minimum=1)
+threads = env_int("GUNICORN_THREADS", 32, minimum=1)
 graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 30, minimum=1)
 timeout = 30
 keepalive = 5
