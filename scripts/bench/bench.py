@@ -68,7 +68,7 @@ class Profile:
     http_warmup: float = 2.0
     connections: int = 50
     publish_seconds: float = 5.0
-    consume_messages: int = 30_000
+    consume_messages: int = 20_000
     drain_messages: int = 100_000
     e2e_seconds: float = 15.0
 
@@ -241,13 +241,16 @@ class Gunicorn:
     def pids(self) -> list[int]:
         return [self.proc.pid, *children(self.proc.pid)]
 
-    def load(self, seconds: float, connections: int) -> dict[str, Any]:
-        """wrk against POST /jobs, plus the CPU time the server's processes spent per request."""
-        pids = self.pids()
-        before = cpu_seconds(pids)
+    def load(self, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
+        """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
+        RabbitMQ, Redis) spent per request."""
+        groups = {"app": self.pids(), **{name: [pid] for name, pid in (others or {}).items()}}
+        before = {name: cpu_seconds(pids) for name, pids in groups.items()}
         result = run_wrk(self.url, seconds, connections)
         if result["requests"]:
-            result["cpu_us_per_req"] = (cpu_seconds(pids) - before) / result["requests"] * 1e6
+            for name, pids in groups.items():
+                used = (cpu_seconds(pids) - before[name]) / result["requests"] * 1e6
+                result["cpu_us_per_req" if name == "app" else f"cpu_us_per_req_{name}"] = used
         return result
 
     def worker_rss(self) -> list[float]:
@@ -548,14 +551,17 @@ class Bench:
                 run_wrk(server.url, p.http_warmup, p.connections)
             purge(rabbit.url)
             store.flushdb()
+            others = {"rabbitmq": rabbit.os_pid(), "redis": store_node.process.pid}
             for i in range(p.repeats):
                 for name, server in (("noop", noop), ("ingest", api)) if i % 2 == 0 else (("ingest", api),
                                                                                         ("noop", noop)):
-                    result = server.load(p.http_seconds, p.connections)
+                    result = server.load(p.http_seconds, p.connections, others)
                     result["worker_rss_mb"] = server.worker_rss()
                     log(f"{name}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
                         f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']} "
-                        f"cpu {result.get('cpu_us_per_req', 0):.0f} us/req")
+                        f"CPU us/req: app {result.get('cpu_us_per_req', 0):.0f}, "
+                        f"RabbitMQ {result.get('cpu_us_per_req_rabbitmq', 0):.0f}, "
+                        f"Redis {result.get('cpu_us_per_req_redis', 0):.0f}")
                     self.record(name, result)
                     if name == "ingest":
                         purge(rabbit.url)
@@ -574,8 +580,10 @@ class Bench:
             purge(rabbit.url)
 
             # 2 + 4: raw consume and the worker, interleaved.
+            tuned = {"WORKER_CONCURRENCY": "16"}  # the lever: more jobs in flight per process
             for i in range(p.repeats):
-                for name in ("raw_consume", "worker") if i % 2 == 0 else ("worker", "raw_consume"):
+                names = ("raw_consume", "worker", "worker_tuned")
+                for name in names if i % 2 == 0 else names[::-1]:
                     if name == "raw_consume":
                         PipelinedPublisher(rabbit.url).run(raw_message, count=p.consume_messages)
                         rate = raw_consume(rabbit.url, p.consume_messages, prefetch)
@@ -583,9 +591,11 @@ class Bench:
                         log(f"raw consume (prefetch {prefetch}): {rate:.0f} msg/s")
                     else:
                         prefill_jobs(rabbit.url, store, p.consume_messages)
-                        result = worker_drain(rabbit, store_node, self.work, p.consume_messages, f"tp{i}", {})
+                        result = worker_drain(rabbit, store_node, self.work, p.consume_messages, f"{name}{i}",
+                                              tuned if name == "worker_tuned" else {})
                         self.record(name, result)
-                        log(f"worker: {result['jobs_per_s']:.0f} jobs/s, RSS {result['rss_mb_max']:.1f} MB")
+                        log(f"{name}: {result['jobs_per_s']:.0f} jobs/s, CPU {result['cpu_us_per_job']:.0f} us/job, "
+                            f"RSS {result['rss_mb_max']:.1f} MB")
                     purge(rabbit.url)
                     store.flushdb()
 
@@ -638,6 +648,13 @@ class Bench:
             "ingest_rps": summary([r["rps"] for r in runs["ingest"]]),
             "ingest_p50_ms": summary([r["p50_ms"] for r in runs["ingest"]]),
             "ingest_p99_ms": summary([r["p99_ms"] for r in runs["ingest"]]),
+            "noop_cpu_us_per_req": summary([r.get("cpu_us_per_req") for r in runs["noop"]]),
+            "ingest_cpu_us_per_req": summary([r.get("cpu_us_per_req") for r in runs["ingest"]]),
+            "ingest_cpu_us_per_req_rabbitmq": summary([r.get("cpu_us_per_req_rabbitmq") for r in runs["ingest"]]),
+            "ingest_cpu_us_per_req_redis": summary([r.get("cpu_us_per_req_redis") for r in runs["ingest"]]),
+            "worker_cpu_us_per_job": summary([r.get("cpu_us_per_job") for r in runs["worker"]]),
+            "worker_tuned_jobs_s": summary([r["jobs_per_s"] for r in runs["worker_tuned"]]),
+            "worker_tuned_cpu_us_per_job": summary([r.get("cpu_us_per_job") for r in runs["worker_tuned"]]),
             "ingest_non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in runs["ingest"]),
             "raw_publish_msg_s": summary(runs["raw_publish"]),
             "raw_publish_sync_msg_s": summary(runs["raw_publish_sync"]),
@@ -691,12 +708,19 @@ def table(r: dict[str, Any]) -> str:
         ("main-app ingest POST /jobs (store + confirm)", f"{fmt(r['ingest_rps'])} req/s",
          f"p50 {fmt(r['ingest_p50_ms'], 2)} ms, p99 {fmt(r['ingest_p99_ms'], 2)} ms, "
          f"non-2xx {r['ingest_non_2xx']}"),
+        ("CPU per request: gunicorn (no-op / ingest)", f"{fmt(r['noop_cpu_us_per_req'])} / "
+         f"{fmt(r['ingest_cpu_us_per_req'])} µs",
+         f"ingest also costs RabbitMQ {fmt(r['ingest_cpu_us_per_req_rabbitmq'])} µs "
+         f"+ Redis {fmt(r['ingest_cpu_us_per_req_redis'])} µs"),
         ("raw publish, confirms in flight (pika)", f"{fmt(r['raw_publish_msg_s'])} msg/s", "persistent, quorum"),
         ("raw publish, one confirm at a time", f"{fmt(r['raw_publish_sync_msg_s'])} msg/s", "reference"),
         (f"raw consume, manual acks, prefetch {r['prefetch']}", f"{fmt(r['raw_consume_msg_s'])} msg/s",
          "quorum `jobs` queue"),
-        ("service-app echo jobs, 1 process", f"{fmt(r['worker_jobs_s'])} jobs/s",
-         "status writes + acks included"),
+        (f"service-app echo jobs, 1 process (defaults: concurrency 4, prefetch {r['prefetch']})",
+         f"{fmt(r['worker_jobs_s'])} jobs/s",
+         f"status writes + acks included; CPU {fmt(r['worker_cpu_us_per_job'])} µs/job"),
+        ("service-app echo jobs, WORKER_CONCURRENCY=16", f"{fmt(r['worker_tuned_jobs_s'])} jobs/s",
+         f"prefetch 32; CPU {fmt(r['worker_tuned_cpu_us_per_job'])} µs/job"),
         (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",

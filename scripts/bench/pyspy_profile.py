@@ -22,9 +22,13 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
+GIL_ONLY = False
+
 
 def record(py_spy: str, pid: int, seconds: float, out: Path, subprocesses: bool = False) -> subprocess.Popen:
     args = [py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "--nonblocking"]
+    if GIL_ONLY:
+        args.append("--gil")
     if subprocesses:
         args.append("--subprocesses")
     return subprocess.Popen([*args, "-f", "raw", "-o", str(out.with_suffix(".txt"))], stdout=subprocess.DEVNULL,
@@ -57,7 +61,11 @@ def main() -> int:
     parser.add_argument("--out", default=str(bench.ROOT / "reports" / "bench" / "profile"))
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--gil", action="store_true", help="only samples holding the GIL: where the CPU goes")
+    parser.add_argument("--only", choices=("main-app", "service-app"))
     args = parser.parse_args()
+    global GIL_ONLY
+    GIL_ONLY = args.gil
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jobs-profile-"))
@@ -72,34 +80,36 @@ def main() -> int:
         bench.topology.declare(connection.channel())
         connection.close()
 
-        api = bench.Gunicorn("api", ["main_app.wsgi:app"], bench.app_env(rabbit, store_node), work).start("/readyz")
-        bench.run_wrk(api.url, 2, 50)
-        spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
-        time.sleep(0.5)
-        result = bench.run_wrk(api.url, args.seconds, 50)
-        spy.wait(60)
-        bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
-        api.proc.stop()
-        bench.purge(rabbit.url)
-        store.flushdb()
+        if args.only != "service-app":
+            api = bench.Gunicorn("api", ["main_app.wsgi:app"], bench.app_env(rabbit, store_node), work)
+            api.start("/readyz")
+            bench.run_wrk(api.url, 2, 50)
+            spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
+            time.sleep(0.5)
+            result = bench.run_wrk(api.url, args.seconds, 50)
+            spy.wait(60)
+            bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
+            api.proc.stop()
+            bench.purge(rabbit.url)
+            store.flushdb()
+        if args.only != "main-app":
+            bench.prefill_jobs(rabbit.url, store, args.jobs)
+            holder: dict[str, subprocess.Popen] = {}
+            original_proc = bench.Proc.start
 
-        bench.prefill_jobs(rabbit.url, store, args.jobs)
-        holder: dict[str, subprocess.Popen] = {}
-        original_proc = bench.Proc.start
+            def start_and_spy(self: bench.Proc) -> bench.Proc:
+                original_proc(self)
+                holder["spy"] = record(args.py_spy, self.pid, max(5, args.jobs / 1500), out / "service-app")
+                return self
 
-        def start_and_spy(self: bench.Proc) -> bench.Proc:
-            original_proc(self)
-            holder["spy"] = record(args.py_spy, self.pid, max(5, args.jobs / 1500), out / "service-app")
-            return self
-
-        bench.Proc.start = start_and_spy  # type: ignore[method-assign]
-        drained = bench.worker_drain(rabbit, store_node, work, args.jobs, "profile", {})
-        bench.Proc.start = original_proc  # type: ignore[method-assign]
-        holder["spy"].wait(120)
-        bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
+            bench.Proc.start = start_and_spy  # type: ignore[method-assign]
+            drained = bench.worker_drain(rabbit, store_node, work, args.jobs, "profile", {})
+            bench.Proc.start = original_proc  # type: ignore[method-assign]
+            holder["spy"].wait(120)
+            bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
         for name in ("main-app", "service-app"):
             raw = (out / name).with_suffix(".txt")
-            if raw.exists():
+            if raw.exists() and args.only in (None, name):
                 (out / f"{name}-hot.txt").write_text(hottest(raw))
                 print(f"\n== {name} ==\n" + "\n".join(hottest(raw).splitlines()[:40]))
     finally:
