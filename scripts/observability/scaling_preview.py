@@ -74,20 +74,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 def record(prom: promstack.Prometheus, manifests: promstack.Manifests, start_t: float, end_t: float,
            step: float) -> tuple[list[float], dict[str, list[float | None]]]:
+    start_t = float(int(start_t))  # whole seconds: Prometheus answers with millisecond timestamps
     times = [start_t + i * step for i in range(int((end_t - start_t) // step) + 1)]
-    columns: dict[str, list[float | None]] = {}
-    for trig in manifests.triggers():
-        result = prom.query_range(trig.query, start_t, end_t, step)
-        values = {float(t): float(v) for t, v in result[0]["values"]} if result else {}
-        columns[trig.name] = [values.get(float(t)) for t in times]
-    extra = {
+    queries = {t.name: t.query for t in manifests.triggers()}
+    queries.update({
         "jobs_in_progress": "sum(jobs_worker_jobs_in_progress)",
         "processed_per_s": "sum(rate(jobs_worker_jobs_processed_total[1m]))",
-    }
-    for name, expr in extra.items():
-        result = prom.query_range(expr, start_t, end_t, step)
-        values = {float(t): float(v) for t, v in result[0]["values"]} if result else {}
-        columns[name] = [values.get(float(t)) for t in times]
+    })
+    columns: dict[str, list[float | None]] = {}
+    for name, expr in queries.items():
+        result = prom.query_range(expr, times[0], times[-1], step)
+        values = {round(float(t) * 1000): float(v) for t, v in result[0]["values"]} if result else {}
+        columns[name] = [values.get(round(t * 1000)) for t in times]
     return times, columns
 
 

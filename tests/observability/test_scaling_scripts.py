@@ -124,3 +124,40 @@ def test_locust_job_renders_and_uses_the_pinned_version():
     assert image == f"locustio/locust:{pinned}"
     assert docs["ConfigMap"]["data"]["locustfile.py"] == (ROOT / "loadtest" / "locustfile.py").read_text()
     assert json.dumps(docs["Job"]).count("main-app-api-tokens") == 1
+
+
+class FakePrometheus:
+    """query_range answers like Prometheus: millisecond timestamps from start to end by step."""
+
+    def __init__(self, values: dict[str, float]):
+        self.values = values
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        n = int(round((end - start) / step)) + 1
+        value = next((v for k, v in self.values.items() if k in expr), None)
+        if value is None:
+            return []
+        return [{"metric": {}, "values": [[round(start + i * step, 3), str(value)] for i in range(n)]}]
+
+
+def test_preview_records_and_replays_the_rendered_configuration(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "observability"))
+    import promstack
+    import scaling_preview
+
+    manifests = promstack.Manifests(promstack.render("dev"))
+    prom = FakePrometheus({"jobs_api_http_requests_total": 50.0, "rabbitmq_detailed_queue_messages_ready": 100.0,
+                           "jobs_worker_busy_ratio": 1.0})
+    times, columns = scaling_preview.record(prom, manifests, 1_000_000.123456, 1_000_000.123456 + 300, 15)
+    assert len(times) == 21
+    for name in ("http-requests-per-pod", "queue-backlog-per-replica", "worker-busy-ratio"):
+        assert all(v is not None for v in columns[name]), (name, columns[name])
+    decisions = scaling_preview.replay(manifests, times, columns, 15)
+    service = [d["desired"] for d in decisions["service-app"]]
+    main = [d["desired"] for d in decisions["main-app"]]
+    # dev: service-app 1..5, main-app 1..3; 30 s scale-up window, then +100 % / +4 pods per 30 s
+    assert service[0] == 1 and service[-1] == 5 and service == sorted(service)
+    assert main[-1] == 3
+    scaling_preview.write_csv(tmp_path / "p.csv", times, columns, decisions, [5] * len(times))
+    header = (tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header.endswith("main-app_replicas,service-app_replicas")
