@@ -10,6 +10,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from datetime import datetime
 
@@ -22,6 +23,8 @@ from chaoslib import (
     FinishWatcher,
     Fleet,
     Load,
+    Outcome,
+    Row,
     account,
     api_ready,
     check_final_never_changed,
@@ -30,7 +33,7 @@ from chaoslib import (
     wait_ready_url,
 )
 
-from jobs_contract import topology
+from jobs_contract import JobStore, topology
 
 pytestmark = pytest.mark.slow
 BACKLOG = int(os.environ.get("CHAOS_BACKLOG_JOBS", "20000"))
@@ -38,6 +41,15 @@ BACKLOG = int(os.environ.get("CHAOS_BACKLOG_JOBS", "20000"))
 
 def sleep_job(seconds: float):
     return lambda n: {"type": "sleep", "payload": {"seconds": seconds}}
+
+
+def broker_unacked(prometheus_port: int, queue: str) -> int:
+    text = requests.get(f"http://127.0.0.1:{prometheus_port}/metrics/detailed?family=queue_coarse_metrics",
+                        timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("rabbitmq_detailed_queue_messages_unacked{") and f'queue="{queue}"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
 
 
 def alive(proc) -> bool:
@@ -286,12 +298,13 @@ def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_w
     workers = fleet.start(2, wait_ready=False)
     started = time.monotonic()
     rss: dict[int, list[int]] = defaultdict(list)
-    ready = []
+    unacked = []  # the broker's own count of delivered, unacknowledged messages (lags a few s)
     while time.monotonic() - started < 400:
         for worker in workers:
             rss[worker.proc.process.pid].append(rss_kib(worker.proc.process.pid))
         depth = amqp.queue_declare(topology.QUEUE, passive=True).method.message_count
-        ready.append(depth)
+        if len(rss[workers[0].proc.process.pid]) % 4 == 1:
+            unacked.append(broker_unacked(rabbit.prometheus_port, topology.QUEUE))
         if depth == 0:
             break
         time.sleep(0.5)
@@ -303,8 +316,10 @@ def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_w
     row.notes = (f"submitted in {submit_seconds:.0f}s ({row.sent / submit_seconds:.0f}/s), {queued} queued with no "
                  f"worker; 2 workers (concurrency 4, prefetch {prefetch}) drained it in {drain_seconds:.0f}s "
                  f"({row.final / max(drain_seconds, 0.1):.0f}/s); worker RSS MiB early->peak "
-                 + ", ".join(f"{firsts[p]}->{peaks[p]}" for p in peaks))
+                 + ", ".join(f"{firsts[p]}->{peaks[p]}" for p in peaks)
+                 + f"; unacked at the broker at most {max(unacked, default=0)} (2 x prefetch = {2 * prefetch})")
     assert_accounted(row, accounting, watcher)
+    assert max(unacked, default=0) <= 2 * prefetch, f"more in flight than the prefetch allows: {unacked}"
     assert row.accepted == BACKLOG
     assert queued >= BACKLOG * 0.99, "the backlog was not in the queue before the workers started"
     for pid in peaks:  # bounded by prefetch, not by the backlog
@@ -386,3 +401,30 @@ def test_load_threads_stop():
     time.sleep(0.2)
     load.stop()
     assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("load-"))
+
+
+def test_duplicate_completion_detector(redis_node, redis_client):
+    """The instrument itself: two runs that both finish are one duplicate; a final write
+    repeated without a second run is not; the stored status stays the first one."""
+    watcher = FinishWatcher(redis_node.port).start()
+    first, second = JobStore.from_url(redis_node.url), JobStore.from_url(redis_node.url)
+    twice, retried = str(uuid.uuid4()), str(uuid.uuid4())
+    for job_id in (twice, retried):
+        first.create(job_id, "c", "echo", "t")
+    first.begin(twice, "c", "echo", "t")
+    second.begin(twice, "c", "echo", "t")  # a redelivery while the first run still runs
+    first.succeed(twice, 1)
+    second.fail(twice, "late")  # must not change the outcome
+    first.begin(retried, "c", "echo", "t")
+    first.succeed(retried, 1)
+    second.succeed(retried, 1)  # the same run's write again, on another connection
+    row = Row("detector")
+    outcomes = [Outcome(0, 202, twice, 0.0), Outcome(1, 202, retried, 0.0)]
+    accounting = account(row, outcomes, redis_node.url, timeout=5, watcher=watcher)
+    watcher.stop()
+    assert row.lost == 0 and row.final == 2
+    assert row.duplicate_completions == 1 and row.re_executions == 1
+    assert "1 final write(s) repeated" in row.measurement
+    assert accounting.records[twice][0] == "succeeded" and not check_final_never_changed(accounting, watcher)
+    first.redis.close()
+    second.redis.close()
