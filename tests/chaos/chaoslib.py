@@ -431,6 +431,14 @@ class Fleet:
         self.exited.append(worker)
         return code, time.monotonic() - started
 
+    def idle(self) -> bool:
+        """No live worker is running a job (jobs_worker_jobs_in_progress is 0 everywhere)."""
+        try:
+            return all(metric_values(f"{w.url}/metrics", "jobs_worker_jobs_in_progress").get("", 0) == 0
+                       for w in self.live)
+        except requests.RequestException:
+            return False
+
     def pids(self) -> list[int]:
         return [w.proc.process.pid for w in self.live]
 
@@ -478,7 +486,7 @@ class Accounting:
 
 def account(row: Row, load_outcomes: list[Outcome], redis_url: str, *, timeout: float,
             watcher: FinishWatcher | None = None, expected_attempts: Callable[[str], int] | None = None,
-            fault_cleared_at: float | None = None) -> Accounting:
+            fault_cleared_at: float | None = None, idle: Callable[[], bool] | None = None) -> Accounting:
     """Wait for quiescence, then fill in the row: every 202 must reach a final state."""
     ids = [o.job_id for o in load_outcomes if o.status == 202 and o.job_id]
     statuses = Counter(o.status for o in load_outcomes)
@@ -491,6 +499,10 @@ def account(row: Row, load_outcomes: list[Outcome], redis_url: str, *, timeout: 
     row.lost = row.accepted - row.final
     expected = expected_attempts or (lambda _id: 1)
     row.re_executions = sum(max(0, attempts - expected(i)) for i, (_, attempts) in found.items())
+    if idle is not None:  # quiescence: nothing still running (a second run of a job may be)
+        deadline = time.monotonic() + timeout
+        while not idle() and time.monotonic() < deadline:
+            time.sleep(0.25)
     if watcher is not None:
         time.sleep(0.3)  # the last MONITOR lines
         # A job completes twice only if it also ran twice: a final write repeated without a

@@ -37,6 +37,7 @@ from jobs_contract import JobStore, topology
 
 pytestmark = pytest.mark.slow
 BACKLOG = int(os.environ.get("CHAOS_BACKLOG_JOBS", "20000"))
+LONG_JOB_SECONDS = 12.0
 
 
 def sleep_job(seconds: float):
@@ -101,7 +102,7 @@ def test_worker_crash(row, rabbit, redis_node, redis_client, amqp, start_api, st
         fleet.start(1, wait_ready=False)  # the Deployment's replacement pod
     cleared = time.monotonic()
     load.join()
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=120, watcher=watcher,
+    accounting = account(row, load.snapshot(), redis_node.url, timeout=120, watcher=watcher, idle=fleet.idle,
                          fault_cleared_at=cleared)
     watcher.stop()
     statuses = Counter(status for status, _ in accounting.records.values())
@@ -122,6 +123,11 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
     load = Load(api.url, api.token, sleep_job(0.05), rate=25, threads=6).start()
     load.wait_for(lambda o: o.status == 202, 10)
     time.sleep(2)
+    # Jobs longer than the outage: still running on their worker when the broker comes back
+    # and redelivers them (the connection they came on is gone), so they run twice.
+    long_jobs = [api.submit("sleep", {"seconds": LONG_JOB_SECONDS}) for _ in range(2)]
+    assert all(r.status_code == 202 for r in long_jobs)
+    time.sleep(0.5)
 
     killed = time.monotonic()
     private_rabbit.kill()
@@ -136,17 +142,20 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
     time.sleep(2)
     load.stop()
 
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=90, watcher=watcher,
-                         fault_cleared_at=restarted)
+    long_outcomes = [Outcome(-1, 202, r.json()["id"], killed) for r in long_jobs]
+    accounting = account(row, load.snapshot() + long_outcomes, redis_node.url, timeout=90, watcher=watcher,
+                         idle=fleet.idle, fault_cleared_at=restarted)
     watcher.stop()
     accepted = {i for i in accounting.records}
+    long_attempts = [accounting.records[o.job_id][1] for o in long_outcomes]
     ghosts = ghost_jobs(redis_node.url, accepted)
     reconnects = sum(sum(metric_values(f"{w.url}/metrics", "jobs_worker_broker_reconnects_total").values())
                      for w in workers)
     row.notes = (f"503s from {first_503.sent_at - killed:.1f}s after the kill; 202s again "
                  f"{first_ok.sent_at - restarted:.1f}s after the restart began; workers reconnected "
                  f"({reconnects:.0f} reconnects) without restarts; {ghosts} job(s) answered 503 ran anyway "
-                 "(confirm after the publish timeout)")
+                 f"(confirm after the publish timeout); 2 {LONG_JOB_SECONDS:g}s jobs running across the outage "
+                 f"were started {long_attempts} times")
     assert_accounted(row, accounting, watcher)
     assert row.refused_503 > 0
     assert alive(api.proc) and all(alive(w.proc) for w in workers)
@@ -183,7 +192,7 @@ def test_store_outage(row, how, rabbit, private_redis, amqp, start_api, start_wo
     time.sleep(2)
     load.stop()
 
-    accounting = account(row, load.snapshot(), private_redis.url, timeout=90, watcher=watcher,
+    accounting = account(row, load.snapshot(), private_redis.url, timeout=90, watcher=watcher, idle=fleet.idle,
                          fault_cleared_at=restarted)
     watcher.stop()
     row.notes = (f"503s from {first_503.sent_at - stopped:.1f}s after the stop; {not_ready}/2 workers "
@@ -214,7 +223,8 @@ def test_rolling_restart(row, rabbit, redis_node, redis_client, amqp, start_api,
     cleared = time.monotonic()
     time.sleep(2)
     load.stop()
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=90, watcher=watcher, fault_cleared_at=cleared)
+    accounting = account(row, load.snapshot(), redis_node.url, timeout=90, watcher=watcher, idle=fleet.idle,
+                         fault_cleared_at=cleared)
     watcher.stop()
     row.notes = ("exits (code, seconds, jobs running at SIGTERM): "
                  + ", ".join(f"({c}, {s:.1f}s, {b:.0f})" for c, s, b in exits) + f"; grace {grace}s")
@@ -260,7 +270,8 @@ def test_poison(row, rabbit, redis_node, redis_client, amqp, start_api, start_wo
         time.sleep(0.1)
     load.join()
     cleared = time.monotonic()
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=60, watcher=watcher, fault_cleared_at=cleared)
+    accounting = account(row, load.snapshot(), redis_node.url, timeout=60, watcher=watcher, idle=fleet.idle,
+                         fault_cleared_at=cleared)
     watcher.stop()
     deadline = time.monotonic() + 20
     dead = 0
@@ -308,7 +319,8 @@ def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_w
         if depth == 0:
             break
         time.sleep(0.5)
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=120, watcher=watcher, fault_cleared_at=started)
+    accounting = account(row, load.snapshot(), redis_node.url, timeout=120, watcher=watcher, idle=fleet.idle,
+                         fault_cleared_at=started)
     watcher.stop()
     drain_seconds = row.recover_seconds or 0
     peaks = {pid: max(samples) // 1024 for pid, samples in rss.items()}
@@ -360,7 +372,7 @@ def test_retry_exhaustion(row, rabbit, redis_node, redis_client, amqp, start_api
     load = Load(api.url, api.token, body, total=total, threads=4).start().join()
     cleared = time.monotonic()
     by_id = {o.job_id: o.n for o in load.snapshot() if o.job_id}
-    accounting = account(row, load.snapshot(), redis_node.url, timeout=90, watcher=watcher,
+    accounting = account(row, load.snapshot(), redis_node.url, timeout=90, watcher=watcher, idle=fleet.idle,
                          expected_attempts=lambda i: expected(by_id[i])[1], fault_cleared_at=cleared)
     watcher.stop()
     wrong = {i: (rec, expected(by_id[i])) for i, rec in accounting.records.items() if rec != expected(by_id[i])}
