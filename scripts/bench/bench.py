@@ -405,7 +405,8 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
     proc = Proc(f"worker-{tag}", [str(BIN / "python"), "-m", "service_app"],
                 app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port), **env),
                 work / f"worker-{tag}.log").start()
-    samples: list[tuple[float, float, float | None, float]] = []  # (t, processed, rss, cpu)
+    # (t, processed, rss, cpu of the worker, of RabbitMQ, of Redis)
+    samples: list[tuple[float, float, float | None, float, float, float]] = []
     deadline = time.monotonic() + max(120, count / 200)
     try:
         while time.monotonic() < deadline:
@@ -418,7 +419,8 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
                 time.sleep(0.1)
                 continue
             done = metric_value(text, "jobs_worker_jobs_processed_total", 'outcome="succeeded"')
-            samples.append((time.perf_counter(), done, rss_mb(proc.pid), cpu_seconds([proc.pid])))
+            samples.append((time.perf_counter(), done, rss_mb(proc.pid), cpu_seconds([proc.pid]),
+                            cpu_seconds([rabbit.os_pid() or 0]), cpu_seconds([store_node.process.pid])))
             if done >= count:
                 break
             time.sleep(0.25)
@@ -437,10 +439,14 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
         raise RuntimeError("not enough samples")
 
     rate = 0.8 * count / (time_at(0.9) - time_at(0.1))
-    rss = [r for _, c, r, _ in samples if r is not None and c > 0.05 * count]
-    busy = [(c, cpu) for _, c, _, cpu in samples if 0.1 * count <= c <= 0.9 * count]
-    cpu_us = (busy[-1][1] - busy[0][1]) / (busy[-1][0] - busy[0][0]) * 1e6 if len(busy) > 1 else None
-    return {"jobs_per_s": rate, "cpu_us_per_job": cpu_us,
+    rss = [r for _, c, r, *_ in samples if r is not None and c > 0.05 * count]
+    busy = [(c, *cpu) for _, c, _, *cpu in samples if 0.1 * count <= c <= 0.9 * count]
+
+    def per_job(i: int) -> float | None:
+        return (busy[-1][i] - busy[0][i]) / (busy[-1][0] - busy[0][0]) * 1e6 if len(busy) > 1 else None
+
+    return {"jobs_per_s": rate, "cpu_us_per_job": per_job(1), "cpu_us_per_job_rabbitmq": per_job(2),
+            "cpu_us_per_job_redis": per_job(3),
             "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss, default=None),
             "rss_mb_end": rss[-1] if rss else None, "rss_samples": len(rss)}
 
@@ -448,7 +454,7 @@ def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: i
 # ---------------------------------------------------------------- end to end
 
 
-async def open_loop(host: str, port: int, rate: float, seconds: float, connections: int = 32) -> list[tuple]:
+async def open_loop(host: str, port: int, rate: float, seconds: float, connections: int = 64) -> list[tuple]:
     """POST /jobs at a fixed rate (open loop: each request is timed from when it was due, so a slow
     server cannot slow the clock down); returns (due_wall_time, status, job_id, latency_s)."""
     body = b'{"type":"echo","payload":{"n":1,"text":"hello"}}'
@@ -570,9 +576,13 @@ class Bench:
 
             # 2: raw publish ceilings.
             for _ in range(p.repeats):
+                before = cpu_seconds([rabbit.os_pid() or 0])
                 confirmed, elapsed = PipelinedPublisher(rabbit.url).run(raw_message, seconds=p.publish_seconds)
+                rabbit_us = (cpu_seconds([rabbit.os_pid() or 0]) - before) / confirmed * 1e6
                 self.record("raw_publish", confirmed / elapsed)
-                log(f"raw publish (confirms in flight): {confirmed / elapsed:.0f} msg/s")
+                self.record("raw_publish_rabbitmq_cpu_us", rabbit_us)
+                log(f"raw publish (confirms in flight): {confirmed / elapsed:.0f} msg/s, "
+                    f"RabbitMQ CPU {rabbit_us:.0f} us/msg")
                 purge(rabbit.url)
             rate = publish_one_at_a_time(rabbit.url, min(3.0, p.publish_seconds))
             self.record("raw_publish_sync", rate)
@@ -653,6 +663,9 @@ class Bench:
             "ingest_cpu_us_per_req_rabbitmq": summary([r.get("cpu_us_per_req_rabbitmq") for r in runs["ingest"]]),
             "ingest_cpu_us_per_req_redis": summary([r.get("cpu_us_per_req_redis") for r in runs["ingest"]]),
             "worker_cpu_us_per_job": summary([r.get("cpu_us_per_job") for r in runs["worker"]]),
+            "worker_cpu_us_per_job_rabbitmq": summary([r.get("cpu_us_per_job_rabbitmq") for r in runs["worker"]]),
+            "worker_cpu_us_per_job_redis": summary([r.get("cpu_us_per_job_redis") for r in runs["worker"]]),
+            "raw_publish_rabbitmq_cpu_us": summary(runs["raw_publish_rabbitmq_cpu_us"]),
             "worker_tuned_jobs_s": summary([r["jobs_per_s"] for r in runs["worker_tuned"]]),
             "worker_tuned_cpu_us_per_job": summary([r.get("cpu_us_per_job") for r in runs["worker_tuned"]]),
             "ingest_non_2xx": sum(r["non_2xx"] + r["socket_errors"] for r in runs["ingest"]),
@@ -712,13 +725,15 @@ def table(r: dict[str, Any]) -> str:
          f"{fmt(r['ingest_cpu_us_per_req'])} µs",
          f"ingest also costs RabbitMQ {fmt(r['ingest_cpu_us_per_req_rabbitmq'])} µs "
          f"+ Redis {fmt(r['ingest_cpu_us_per_req_redis'])} µs"),
-        ("raw publish, confirms in flight (pika)", f"{fmt(r['raw_publish_msg_s'])} msg/s", "persistent, quorum"),
+        ("raw publish, confirms in flight (pika)", f"{fmt(r['raw_publish_msg_s'])} msg/s",
+         f"persistent, quorum; RabbitMQ CPU {fmt(r['raw_publish_rabbitmq_cpu_us'])} µs/msg"),
         ("raw publish, one confirm at a time", f"{fmt(r['raw_publish_sync_msg_s'])} msg/s", "reference"),
         (f"raw consume, manual acks, prefetch {r['prefetch']}", f"{fmt(r['raw_consume_msg_s'])} msg/s",
          "quorum `jobs` queue"),
         (f"service-app echo jobs, 1 process (defaults: concurrency 4, prefetch {r['prefetch']})",
          f"{fmt(r['worker_jobs_s'])} jobs/s",
-         f"status writes + acks included; CPU {fmt(r['worker_cpu_us_per_job'])} µs/job"),
+         f"status writes + acks included; CPU µs/job: worker {fmt(r['worker_cpu_us_per_job'])}, "
+         f"RabbitMQ {fmt(r['worker_cpu_us_per_job_rabbitmq'])}, Redis {fmt(r['worker_cpu_us_per_job_redis'])}"),
         ("service-app echo jobs, WORKER_CONCURRENCY=16", f"{fmt(r['worker_tuned_jobs_s'])} jobs/s",
          f"prefetch 32; CPU {fmt(r['worker_tuned_cpu_us_per_job'])} µs/job"),
         (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",

@@ -42,6 +42,8 @@ def hottest(raw: Path, top: int = 25) -> str:
     samples = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if not count.isdigit():  # a frame name with a newline in it: skip the fragment
+            continue
         n = int(count)
         frames = stack.split(";")
         samples += n
