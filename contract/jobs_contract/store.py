@@ -58,11 +58,18 @@ return status
 """
 
 # Record an outcome unless one is final already. KEYS[1] job key.
-# ARGV: status, job ttl, then field/value pairs. Returns the status now stored.
+# ARGV: status, job ttl, k, then k identity values (field/value pairs used to
+# rebuild a record that vanished, e.g. in a Redis failover), then field/value
+# pairs. Returns the status now stored, or 'missing' (record gone, k = 0).
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' then return status end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 3))
+local k = tonumber(ARGV[3])
+if not status then
+  if k == 0 then return 'missing' end
+  redis.call('HSET', KEYS[1], unpack(ARGV, 4, 3 + k))
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 4 + k))
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return ARGV[1]
 """
@@ -165,17 +172,25 @@ class JobStore:
         status = self._begin(keys=[self.job_key(job_id)], args=[utcnow(), self.job_ttl, *_flatten(fields)])
         return status.decode()
 
-    def succeed(self, job_id: str, result: Any) -> str:
-        return self._finish_with("succeeded", job_id, result=orjson.dumps(result), error="", finished_at=utcnow())
+    @staticmethod
+    def identity(job_id: str, client: str, job_type: str, created_at: str, attempts: int = 1) -> dict[str, Any]:
+        """What an outcome needs to rebuild a record that is gone."""
+        return {"id": job_id, "client": client, "type": job_type, "created_at": created_at, "attempts": attempts}
 
-    def fail(self, job_id: str, error: str) -> str:
-        return self._finish_with("failed", job_id, error=error, finished_at=utcnow())
+    def succeed(self, job_id: str, result: Any, identity: dict[str, Any] | None = None) -> str:
+        return self._finish_with("succeeded", job_id, identity, result=orjson.dumps(result), error="",
+                                 finished_at=utcnow())
 
-    def retrying(self, job_id: str, error: str) -> str:
-        return self._finish_with("retrying", job_id, error=error)
+    def fail(self, job_id: str, error: str, identity: dict[str, Any] | None = None) -> str:
+        return self._finish_with("failed", job_id, identity, error=error, finished_at=utcnow())
 
-    def _finish_with(self, status: str, job_id: str, **fields: Any) -> str:
-        stored = self._finish(keys=[self.job_key(job_id)], args=[status, self.job_ttl, *_flatten(fields)])
+    def retrying(self, job_id: str, error: str, identity: dict[str, Any] | None = None) -> str:
+        return self._finish_with("retrying", job_id, identity, error=error)
+
+    def _finish_with(self, status: str, job_id: str, identity: dict[str, Any] | None, **fields: Any) -> str:
+        rebuild = _flatten(identity) if identity else []
+        stored = self._finish(keys=[self.job_key(job_id)],
+                              args=[status, self.job_ttl, len(rebuild), *rebuild, *_flatten(fields)])
         return stored.decode()
 
 

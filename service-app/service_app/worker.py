@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
+import orjson
 import pika
 import pika.exceptions
 import redis
@@ -38,11 +39,15 @@ class Abandoned(Exception):
     """Shutdown ran out of grace before the outcome could be recorded; the message is requeued."""
 
 
+class ConsumerLost(pika.exceptions.AMQPError):
+    """The broker closed the consume channel or cancelled the consumer: reconnect."""
+
+
 @dataclass(frozen=True)
 class Settle:
     """What to do with a message once its outcome is recorded."""
 
-    action: str  # "ack", "retry" or "dead"
+    action: str  # "ack", "retry", "dead" or "requeue"
     delay_seconds: float = 0.0
     reason: str = ""
 
@@ -58,6 +63,7 @@ class Worker:
         self.connected = threading.Event()
         self.store_ok = threading.Event()
         self.store_ok.set()
+        self._store_checked_at = 0.0
         self._lock = threading.Lock()
         self._running = 0  # jobs executing now
         # Messages handed to the pool and not yet settled, per connection. Those of a
@@ -81,6 +87,13 @@ class Worker:
         metrics.BUSY_RATIO.set(0)
 
     def ready(self) -> bool:
+        if time.monotonic() - self._store_checked_at > 1.0:  # an idle worker would not notice otherwise
+            self._store_checked_at = time.monotonic()
+            try:
+                self.store.ping()
+                self.store_ok.set()
+            except redis.RedisError:
+                self.store_ok.clear()
         return self.connected.is_set() and self.store_ok.is_set() and not self.stopping.is_set()
 
     def stop(self, *_signal) -> None:
@@ -126,6 +139,8 @@ class Worker:
         with self._settle_lock:  # a wake-up sent to the previous connection was lost with it
             self._settle_pending = False
         self._settle_all()
+        cancelled = threading.Event()
+        channel.add_on_cancel_callback(lambda _frame: cancelled.set())
         channel.basic_consume(topology.QUEUE, on_message_callback=partial(self._on_message, generation))
         self.connected.set()
         log.info("consuming from %r (concurrency %d, prefetch %d)", topology.QUEUE, self.settings.concurrency,
@@ -133,6 +148,14 @@ class Worker:
         while not self.stopping.is_set():
             self.beat()
             self._connection.process_data_events(time_limit=0.5)
+            # The connection's event loop does not raise when only a channel dies (e.g.
+            # consumer_timeout) or the broker cancels the consumer (queue deleted): check.
+            if channel.is_closed or self._retry_channel.is_closed:
+                raise ConsumerLost("the broker closed a channel")
+            if cancelled.is_set():
+                raise ConsumerLost("the broker cancelled the consumer")
+            if self._settles:  # a wake-up may have been lost with an earlier connection
+                self._settle_all()
 
     def _drain(self) -> None:
         """Stop taking messages, let running jobs finish within the grace period, then close.
@@ -166,14 +189,25 @@ class Worker:
             self.validator.validate_payload(job.type, job.payload)
         except (PoisonMessage, ValidationFailed) as exc:
             reason = exc.reason if isinstance(exc, PoisonMessage) else "invalid_payload"
-            log.error("poison message %s dead-lettered: %s", properties.message_id, exc)
+            if not isinstance(exc, PoisonMessage) or exc.reason == "unknown_type":
+                # A job main-app accepted (its limits or types differ from ours, e.g. during a
+                # rolling deploy): record why it failed, off this thread, then dead-letter it.
+                detail = f"invalid payload at {exc.field}: {exc.message}" if isinstance(exc, ValidationFailed) \
+                    else f"unknown job type {job.type!r}"
+                self._dispatch(generation, method.delivery_tag, job, poison=(reason, detail))
+                return
+            log.error("poison message %s dead-lettered (%s)", properties.message_id, reason)
             metrics.DEAD_LETTERED.labels(reason).inc()
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
+        self._dispatch(generation, method.delivery_tag, job)
+
+    def _dispatch(self, generation: int, delivery_tag: int, job: JobMessage,
+                  poison: tuple[str, str] | None = None) -> None:
         with self._lock:
             self._unsettled[generation] = self._unsettled.get(generation, 0) + 1
-        self._outstanding.add(method.delivery_tag)
-        self.executor.submit(self._process, generation, method.delivery_tag, job)
+        self._outstanding.add(delivery_tag)
+        self.executor.submit(self._process, generation, delivery_tag, job, poison)
 
     def _settle_all(self) -> None:
         """Settle every outcome handed back so far (main thread)."""
@@ -215,7 +249,9 @@ class Worker:
         if settle.action == "ack":
             return True
         self._outstanding.discard(delivery_tag)
-        if settle.action == "retry":
+        if settle.action == "requeue":
+            self._channel.basic_nack(delivery_tag, requeue=True)
+        elif settle.action == "retry":
             retry = job.next_attempt()
             body, properties = retry.encode()
             properties.expiration = str(max(1, int(settle.delay_seconds * 1000)))
@@ -254,15 +290,21 @@ class Worker:
 
     # job threads
 
-    def _process(self, generation: int, delivery_tag: int, job: JobMessage) -> None:
+    def _process(self, generation: int, delivery_tag: int, job: JobMessage,
+                 poison: tuple[str, str] | None = None) -> None:
         settle = None
         try:
-            if not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
+            if poison is not None:
+                settle = self._fail_poison(job, *poison)
+            elif not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
                 settle = self._run(job)
         except Abandoned:
             pass
-        except Exception:
-            log.exception("job %s: unexpected worker error; the message will be redelivered", job.id)
+        except Exception as exc:
+            # A bug, not the job's failure: requeue; MAX_REDELIVERIES ends a loop of it.
+            log.error("job %s: unexpected worker error (%s); requeued", job.id, type(exc).__name__,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            settle = Settle("requeue")
         connection = self._connection
         if settle is None or connection is None:
             self._release(generation)
@@ -274,15 +316,16 @@ class Worker:
         if wake:
             try:
                 connection.add_callback_threadsafe(self._settle_all)
-            except Exception:  # connection closed meanwhile: the broker redelivers the message
-                self._release(generation)
+            except Exception:  # that connection is closed; the consume loop settles what is left
+                with self._settle_lock:
+                    self._settle_pending = False
 
     def _run(self, job: JobMessage) -> Settle:
         settings = self.settings
         if job.delivery_count >= settings.max_redeliveries:
             error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
                      f"each time); giving up")
-            self._record(self.store.fail, job.id, error)
+            self._record(self.store.fail, job.id, error, identity=_identity(job))
             self._observe_final(job, "failed")
             return Settle("dead", reason="redelivery_limit")
 
@@ -296,6 +339,7 @@ class Worker:
         self._running_delta(+1)
         try:
             result = run_with_timeout(HANDLERS[job.type], job.payload, ctx, settings.job_timeout_seconds)
+            orjson.dumps(result)  # a result that cannot be stored fails the attempt, like any error
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             outcome = "retried" if job.attempt < settings.max_attempts else "failed"
@@ -305,29 +349,39 @@ class Worker:
             self._running_delta(-1)
             metrics.JOB_DURATION.labels(job.type).observe(time.perf_counter() - started)
 
+        identity = _identity(job)
         if outcome == "succeeded":
-            self._record(self.store.succeed, job.id, result)
+            self._record(self.store.succeed, job.id, result, identity=identity)
             self._observe_final(job, outcome)
             return Settle("ack")
+        # The error text goes to the job record (its client reads it), never to the logs:
+        # it may quote the payload.
+        error_type = error.split(":", 1)[0]
         if outcome == "retried":
             delay = backoff_seconds(job.attempt, settings.retry_backoff_base_seconds, settings.retry_backoff_max_seconds)
-            log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error, delay)
-            self._record(self.store.retrying, job.id, error)
+            log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error_type, delay)
+            self._record(self.store.retrying, job.id, error, identity=identity)
             metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
             metrics.RETRIES.labels(job.type).inc()
             return Settle("retry", delay_seconds=delay)
-        log.warning("job %s failed after %d attempts: %s", job.id, job.attempt, error)
-        self._record(self.store.fail, job.id, error)
+        log.warning("job %s failed after %d attempts (%s)", job.id, job.attempt, error_type)
+        self._record(self.store.fail, job.id, error, identity=identity)
         self._observe_final(job, outcome)
         return Settle("dead", reason="max_attempts")
 
-    def _record(self, operation, *args):
+    def _fail_poison(self, job: JobMessage, reason: str, detail: str) -> Settle:
+        log.error("job %s cannot run here (%s); failed and dead-lettered", job.id, reason)
+        self._record(self.store.fail, job.id, detail[:2000], identity=_identity(job))
+        metrics.JOBS_PROCESSED.labels(job.type if job.type in HANDLERS else "unknown", "failed").inc()
+        return Settle("dead", reason=reason)
+
+    def _record(self, operation, *args, **kwargs):
         """Run a store operation, retrying while Redis is unavailable: no message is settled
         before its outcome is recorded. Gives up only when shutdown abandons the job."""
         delay = 0.1
         while True:
             try:
-                result = operation(*args)
+                result = operation(*args, **kwargs)
                 self.store_ok.set()
                 return result
             except redis.RedisError as exc:
@@ -349,6 +403,10 @@ class Worker:
     def _observe_final(job: JobMessage, outcome: str) -> None:
         metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
         metrics.JOB_LATENCY.labels(job.type).observe(max(0.0, time.time() - job.enqueued_at))
+
+
+def _identity(job: JobMessage) -> dict:
+    return JobStore.identity(job.id, job.client, job.type, job.created_at, attempts=job.attempt)
 
 
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:

@@ -246,3 +246,67 @@ def test_refuses_bad_configuration(rabbit, redis_node, start_worker):
     worker = start_worker(rabbit.url, redis_node.url, wait_ready=False, WORKER_CONCURRENCY="zero")
     assert worker.proc.wait(15) == 2
     assert "WORKER_CONCURRENCY must be an integer" in worker.proc.output()
+
+
+def test_worker_recovers_when_the_broker_cancels_its_consumer(rabbit, redis_node, store, amqp, start_worker):
+    """Deleting the queue cancels the consumer (basic.cancel): the worker must notice,
+    reconnect and consume again, not sit there reporting ready."""
+    worker = start_worker(rabbit.url, redis_node.url)
+    amqp.queue_delete(topology.QUEUE)
+    # (Declaring it again at once can swallow the broker's cancel notification; the
+    # worker declares it itself when it reconnects.)
+    deadline = time.monotonic() + 20
+    while metric(worker.url, "jobs_worker_broker_reconnects_total") < 1:
+        assert time.monotonic() < deadline, "the worker did not notice its consumer was cancelled"
+        time.sleep(0.1)
+    while requests.get(f"{worker.url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the worker did not consume again"
+        time.sleep(0.1)
+    job = new_job(store, "echo", {"n": 1})
+    publish(amqp, job)
+    assert wait_status(store, job.id, {"succeeded"}, timeout=20)
+
+
+def test_poison_for_an_accepted_job_records_failed(rabbit, redis_node, store, amqp, start_worker):
+    """A job main-app accepted but this worker cannot run (its limits are lower, or it does not
+    know the type yet) is dead-lettered AND gets a final status, so its client is not left waiting."""
+    start_worker(rabbit.url, redis_node.url, JOB_MAX_SLEEP_SECONDS="1")
+    too_long = new_job(store, "sleep", {"seconds": 2})
+    unknown = new_job(store, "echo", {})
+    publish(amqp, too_long)
+    body, properties = unknown.encode()
+    amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY,
+                       body.replace(b'"type":"echo"', b'"type":"from-the-future"'), properties)
+    record = wait_status(store, too_long.id, {"failed"})
+    assert "invalid payload" in record["error"] and "/payload/seconds" in record["error"]
+    assert "unknown job type" in wait_status(store, unknown.id, {"failed"})["error"]
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.DEAD_LETTER_QUEUE) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 2
+
+
+def test_a_result_that_is_not_json_fails_the_attempt(rabbit, redis_node, store, monkeypatch):
+    from service_app import jobs
+    from service_app.config import Settings
+    from service_app.worker import Worker
+
+    monkeypatch.setenv("MAX_ATTEMPTS", "1")
+    monkeypatch.setitem(jobs.HANDLERS, "echo", lambda payload, ctx: {1, 2})
+    worker = Worker(Settings.from_env(), store)
+    job = new_job(store, "echo", {})
+    settle = worker._run(job)
+    assert settle.action == "dead"
+    record = store.get(job.id)
+    assert record["status"] == "failed" and "not JSON serializable" in record["error"]
+
+
+def test_an_outcome_for_a_vanished_record_rebuilds_it(store, redis_client):
+    job = new_job(store, "echo", {})
+    redis_client.delete(store.job_key(job.id))  # e.g. a Redis failover between begin and finish
+    store.succeed(job.id, {"ok": True}, identity=store.identity(job.id, job.client, job.type, job.created_at))
+    record = store.get(job.id)
+    assert record["status"] == "succeeded" and record["client"] == job.client and record["type"] == "echo"
+    redis_client.delete(store.job_key(job.id))
+    assert store.fail(job.id, "x") == "missing"  # without its identity nothing half-made is written
+    assert store.get(job.id) is None
