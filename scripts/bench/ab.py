@@ -42,6 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("ingest", "worker"))
     parser.add_argument("--ref", default="HEAD", help="git ref for A, or WORKTREE to run the working tree as A too")
+    parser.add_argument("--ref-b", default="WORKTREE", help="git ref for B (default: the working tree)")
     parser.add_argument("--env-a", nargs="*", default=[])
     parser.add_argument("--env-b", nargs="*", default=[])
     parser.add_argument("--rounds", type=int, default=3)
@@ -54,6 +55,9 @@ def main() -> int:
     if args.ref != "WORKTREE":
         (work / "a").mkdir()
         env_a["PYTHONPATH"] = checkout(args.ref, work / "a")
+    if args.ref_b != "WORKTREE":
+        (work / "b").mkdir()
+        env_b["PYTHONPATH"] = checkout(args.ref_b, work / "b")
     rabbit = bench.RabbitNode(work / "rabbitmq", name=f"jobs-ab-{os.getpid()}")
     store_node = bench.RedisNode(work / "redis")
     servers: list[bench.Gunicorn] = []
@@ -108,7 +112,7 @@ def main() -> int:
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]
     print(f"A ({args.ref} {args.env_a}): median {a:.0f}/s {results['A']}, "
           f"CPU {statistics.median(cpu['A']):.0f} us each (app processes)")
-    print(f"B (working tree {args.env_b}): median {b:.0f}/s {results['B']}, "
+    print(f"B ({args.ref_b} {args.env_b}): median {b:.0f}/s {results['B']}, "
           f"CPU {statistics.median(cpu['B']):.0f} us each")
     print(f"B/A throughput: {b / a:.2f} (per round {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"B/A CPU per item: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.2f}")
