@@ -168,6 +168,8 @@ class ProfileShape(LoadTestShape):
         super().__init__()
         self.profile = os.environ.get("LOADTEST_PROFILE", "smoke")
         self.stages = stages_for(self.profile)
+        # a stage is a step, not a ramp: start and stop users at once
+        self.rate = max([1] + [users for _, users in self.stages])
 
     def tick(self):
         elapsed = self.get_run_time()
@@ -175,8 +177,7 @@ class ProfileShape(LoadTestShape):
         for duration, users in self.stages:
             end += duration
             if elapsed < end:
-                # spawn quickly: a stage is a step, not a ramp
-                return users, max(1, users)
+                return users, self.rate
         return None
 
 
