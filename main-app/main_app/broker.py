@@ -30,6 +30,10 @@ class BrokerUnavailable(Exception):
 class Publisher:
     def __init__(self, url: str, declare_topology: bool = True, on_reconnect: Callable[[], None] | None = None):
         self._parameters = pika.URLParameters(url)
+        # During a resource alarm the broker stops reading: stop publishing at once (see
+        # _on_blocked) and give the connection up if the alarm outlasts this.
+        if self._parameters.blocked_connection_timeout is None:
+            self._parameters.blocked_connection_timeout = 60
         self._declare_topology = declare_topology
         self._on_reconnect = on_reconnect
         self._connection: SelectConnection | None = None
@@ -42,6 +46,7 @@ class Publisher:
         self._outbox_lock = threading.Lock()
         self._wake_pending = False
         self._ready = threading.Event()
+        self._blocked = False
         self._stopping = threading.Event()
         self._connected_once = False
         self._thread = threading.Thread(target=self._run, name="rabbitmq-publisher", daemon=True)
@@ -79,8 +84,13 @@ class Publisher:
             future.result(timeout)
         except FutureTimeout:
             # Not handed to the broker yet: make sure it never is (the caller answers 503).
-            future.cancel()
-            raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
+            if future.cancel():
+                raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s") from None
+            # Already on the wire: its confirm may be just arriving.
+            try:
+                future.result(min(1.0, timeout))
+            except FutureTimeout:
+                raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -129,7 +139,23 @@ class Publisher:
         if self._stopping.is_set():  # stop() came while connecting
             connection.close()
             return
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_blocked(self, _connection, frame) -> None:
+        # The broker has raised a memory or disk alarm and stopped reading from
+        # publishers: answer 503 at once instead of queueing requests in memory.
+        self._blocked = True
+        self._ready.clear()
+        log.warning("RabbitMQ blocked publishing (%s); answering 503 until it is lifted",
+                    getattr(frame.method, "reason", "resource alarm"))
+
+    def _on_unblocked(self, _connection, _frame) -> None:
+        self._blocked = False
+        if self._channel is not None and self._channel.is_open:
+            self._ready.set()
+            log.info("RabbitMQ unblocked publishing")
 
     def _on_connection_open_error(self, connection: SelectConnection, error: Exception) -> None:
         log.warning("cannot connect to RabbitMQ: %s", error)
@@ -151,6 +177,7 @@ class Publisher:
     def _on_confirm_mode(self, _frame) -> None:
         self._delivery_tag = 0
         self._connected_once = True
+        self._blocked = False
         # A wake-up sent to the previous connection's loop was lost with it: start afresh.
         with self._outbox_lock:
             self._wake_pending = False

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from jobs_contract import topology
 from jobs_contract.catalog import Limits
 from jobs_contract.settings import ConfigError, env_bool, env_float, env_int, env_str
 
@@ -44,6 +45,10 @@ class Settings:
             declare_topology=env_bool("DECLARE_TOPOLOGY", True),
             limits=Limits.from_env(),
         )
+        if settings.max_redeliveries >= topology.BROKER_DELIVERY_LIMIT:
+            raise ConfigError(f"MAX_REDELIVERIES must be below the queue's delivery limit "
+                              f"({topology.BROKER_DELIVERY_LIMIT}), or the broker dead-letters first "
+                              f"and the job never gets a final status")
         if settings.prefetch < settings.concurrency:
             raise ConfigError("WORKER_PREFETCH must be at least WORKER_CONCURRENCY, or threads sit idle")
         return settings

@@ -78,6 +78,10 @@ def test_worker_settings_validation(monkeypatch):
     with pytest.raises(ConfigError, match="WORKER_PREFETCH"):
         WorkerSettings.from_env()
     monkeypatch.setenv("WORKER_PREFETCH", "8")
+    monkeypatch.setenv("MAX_REDELIVERIES", "50")
+    with pytest.raises(ConfigError, match="MAX_REDELIVERIES must be below"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("MAX_REDELIVERIES", "20")
     monkeypatch.setenv("MAX_ATTEMPTS", "0")
     with pytest.raises(ConfigError, match="MAX_ATTEMPTS must be >= 1"):
         WorkerSettings.from_env()
