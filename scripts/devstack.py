@@ -72,7 +72,6 @@ def run(args: argparse.Namespace) -> int:
         "HTTP_PORT": "8000",
         "METRICS_HOST": "127.0.0.1",
         "METRICS_PORT": "9100",
-        "PROMETHEUS_MULTIPROC_DIR": str(run_dir / "main-app-metrics"),
         "PATH": f"{venv_bin}:{os.environ['PATH']}",
         "PYTHONUNBUFFERED": "1",
     }
@@ -84,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         f"rabbitmq: exec {' '.join(rabbit.foreground_command())}",
         f"redis: exec {' '.join(redis.command())}",
         f"api: RABBITMQ_URL='{rabbit.url_for(MAIN_APP_USER, app_passwords[MAIN_APP_USER])}' "
+        f"PROMETHEUS_MULTIPROC_DIR={run_dir / 'main-app-metrics'} "
         "exec gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app",
         f"ready: exec python {Path(__file__).resolve()} banner --workers {args.workers}",
     ]) + "\n"

@@ -74,7 +74,8 @@ def openapi_document(settings) -> dict[str, Any]:
                 "security": [{"bearer": []}],
                 "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {
-                    "200": {"description": "The job", "content": {JSON: {"schema": {"$ref": "#/components/schemas/Job"}}}},
+                    "200": {"description": "The job",
+                            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Job"}}}},
                     "401": unauthorized,
                     "404": problem("No such job for this client"),
                     "503": unavailable,

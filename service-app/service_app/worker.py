@@ -358,7 +358,8 @@ class Worker:
         # it may quote the payload.
         error_type = error.split(":", 1)[0]
         if outcome == "retried":
-            delay = backoff_seconds(job.attempt, settings.retry_backoff_base_seconds, settings.retry_backoff_max_seconds)
+            delay = backoff_seconds(job.attempt, settings.retry_backoff_base_seconds,
+                                    settings.retry_backoff_max_seconds)
             log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error_type, delay)
             self._record(self.store.retrying, job.id, error, identity=identity)
             metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()

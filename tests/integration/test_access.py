@@ -6,11 +6,11 @@ import secrets
 import pika
 import pika.exceptions
 import pytest
+from stack import free_port
 
 from conftest import RabbitNode
 from jobs_contract import topology
 from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions, password_hash
-from stack import free_port
 
 
 @pytest.fixture(scope="module")

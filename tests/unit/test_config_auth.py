@@ -92,3 +92,18 @@ def test_backoff_is_exponential_with_jitter_and_capped():
         delays = [backoff_seconds(attempt, base=1.0, cap=30.0) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > full / 10  # jittered
+
+
+def test_service_app_ignores_an_inherited_multiprocess_metrics_dir(tmp_path):
+    """main-app's PROMETHEUS_MULTIPROC_DIR leaking into a worker (shared env file or
+    ConfigMap) must not switch the worker to multiprocess files main-app wipes."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import service_app.metrics as m; m.JOBS_PROCESSED.labels('echo', 'succeeded').inc();"
+            "from prometheus_client import generate_latest, REGISTRY;"
+            "assert b'jobs_worker_jobs_processed_total' in generate_latest(REGISTRY)")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
