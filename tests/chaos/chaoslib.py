@@ -18,7 +18,6 @@ fault, waits for quiescence and then accounts for every request it sent:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -34,8 +33,6 @@ from pathlib import Path
 
 import redis
 import requests
-
-from jobs_contract import store as store_module
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT_DIR = ROOT / "reports" / "chaos"
@@ -221,12 +218,6 @@ class Load:
 # Redis: job records and the finish-script watcher
 
 
-def script_sha(source: str) -> str:
-    return hashlib.sha1(source.encode()).hexdigest()
-
-
-FINISH_SHA = script_sha(store_module._FINISH)
-BEGIN_SHA = script_sha(store_module._BEGIN)
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
 _CLIENT = re.compile(r"\[\d+ ([^\]]+)\]")
 
@@ -238,7 +229,6 @@ class FinishWatcher:
     def __init__(self, port: int):
         self.port = port
         self.completions: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
-        self.begins: Counter = Counter()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -293,25 +283,22 @@ class FinishWatcher:
                 self._stop.wait(0.02)
 
     def _parse(self, line: str) -> None:
-        lowered = line[:200].lower()
-        if "evalsha" not in lowered:
-            return
-        is_finish, is_begin = FINISH_SHA in line, BEGIN_SHA in line
-        if not (is_finish or is_begin):
+        # Any script call on a job key whose first argument is a final status is the store's
+        # "finish" script (begin's is a timestamp, create's a TTL). Matched by shape, not by
+        # the script's SHA, so a worker running a newer store.py is still watched.
+        if "evalsha" not in line[:200].lower() or '"job:' not in line:
             return
         args = _QUOTED.findall(line)  # evalsha sha numkeys key args...
+        if len(args) < 5 or not args[3].startswith("job:") or args[4] not in FINAL:
+            return
         client = _CLIENT.search(line)
         try:
             stamp = float(line[1:].split(" ", 1)[0])
-            key = args[3]
-        except (IndexError, ValueError):
+        except ValueError:
             return
-        job_id = key.removeprefix("job:")
         with self._lock:
-            if is_begin:
-                self.begins[job_id] += 1
-            elif args[4] in FINAL:
-                self.completions[job_id].append((stamp, client.group(1) if client else "?", args[4]))
+            self.completions[args[3].removeprefix("job:")].append(
+                (stamp, client.group(1) if client else "?", args[4]))
 
     def duplicate_completions(self) -> dict[str, int]:
         """Jobs recorded final more than once: extra completions per job. A call retried on
