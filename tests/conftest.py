@@ -175,9 +175,10 @@ def start_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
 
     def start(rabbit_url: str, redis_url: str, wait_ready: bool = True, **env: str) -> Api:
         port, metrics_port = free_port(), free_port()
-        proc_env = base_env(rabbit_url, redis_url, API_TOKENS=f"{TOKEN},{OTHER_TOKEN}", HTTP_HOST="127.0.0.1",
-                            HTTP_PORT=str(port), METRICS_HOST="127.0.0.1", METRICS_PORT=str(metrics_port),
-                            GUNICORN_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(tmp_path / f"prom-{port}"), **env)
+        defaults = {"API_TOKENS": f"{TOKEN},{OTHER_TOKEN}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
+                    "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(metrics_port), "GUNICORN_WORKERS": "2",
+                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"prom-{port}")}
+        proc_env = base_env(rabbit_url, redis_url, **{**defaults, **env})
         proc = Proc([str(BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
                     proc_env, tmp_path / f"main-app-{port}.log").start()
         started.append(proc)

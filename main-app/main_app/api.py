@@ -12,7 +12,7 @@ import redis
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from jobs_contract import JobMessage, JobStore, topology
+from jobs_contract import JOB_TYPES, JobMessage, JobStore, topology
 from jobs_contract.catalog import RequestValidator, ValidationFailed
 from jobs_contract.store import utcnow
 from main_app import metrics
@@ -40,6 +40,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
     # An idempotency key stays "pending" only while its request waits for the broker.
     pending_ttl = int(settings.publish_timeout_seconds * 2) + 5
 
+    metrics.initialise(JOB_TYPES)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["job_store"] = store

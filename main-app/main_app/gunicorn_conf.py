@@ -46,6 +46,15 @@ def when_ready(server):
     server.log.info("metrics on http://%s:%d/metrics", host, port)
 
 
+def post_worker_init(worker):
+    # Accept requests only once this worker's broker connection is up, so a fresh
+    # worker does not answer 503 beside a ready one. Bounded: with RabbitMQ down the
+    # worker starts anyway, answers 503 and reports not ready until it connects.
+    publisher = getattr(worker.wsgi, "extensions", {}).get("publisher")
+    if publisher is not None and not publisher.wait_ready(env_int("STARTUP_BROKER_WAIT_SECONDS", 10, minimum=0)):
+        worker.log.warning("RabbitMQ not reachable yet; serving (503 for submissions) while reconnecting")
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -36,3 +36,19 @@ def child(metric, *labels: str):
     if found is None:
         found = _children[key] = metric.labels(*labels)
     return found
+
+
+# Every reason a submission can be refused for (api.py). Series start at 0, so that
+# rate() and increase() see the first event after a start, not only the second.
+REJECT_REASONS = (
+    "unauthorized", "unsupported_media_type", "malformed_json", "invalid", "bad_idempotency_key",
+    "idempotency_mismatch", "idempotency_in_progress", "idempotency_expired", "store_unavailable",
+    "broker_unavailable", "http_413", "internal",
+)
+
+
+def initialise(job_types) -> None:
+    for job_type in job_types:
+        child(JOBS_ACCEPTED, job_type)
+    for reason in REJECT_REASONS:
+        child(JOBS_REJECTED, reason)

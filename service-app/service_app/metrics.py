@@ -20,3 +20,17 @@ RETRIES = Counter("jobs_worker_retries_total", "Attempts that failed and were sc
 DEAD_LETTERED = Counter("jobs_worker_dead_lettered_total", "Messages sent to the dead-letter queue", ["reason"])
 BROKER_RECONNECTS = Counter("jobs_worker_broker_reconnects_total", "Connections to RabbitMQ re-established")
 STORE_ERRORS = Counter("jobs_worker_store_errors_total", "Job store operations that failed and were retried")
+
+OUTCOMES = ("succeeded", "failed", "retried", "skipped")
+DEAD_LETTER_REASONS = ("max_attempts", "redelivery_limit", "unparseable", "malformed", "schema_version",
+                       "unknown_type", "invalid_payload")
+
+
+def initialise(job_types) -> None:
+    """Series start at 0, so that rate() and increase() see the first event after a start."""
+    for job_type in job_types:
+        RETRIES.labels(job_type)
+        for outcome in OUTCOMES:
+            JOBS_PROCESSED.labels(job_type, outcome)
+    for reason in DEAD_LETTER_REASONS:
+        DEAD_LETTERED.labels(reason)

@@ -83,6 +83,7 @@ class Worker:
         # that has no recorded outcome.
         self._outstanding: set[int] = set()
         self.beat = lambda: None
+        metrics.initialise(HANDLERS)
         metrics.CONCURRENCY.set(settings.concurrency)
         metrics.BUSY_RATIO.set(0)
 

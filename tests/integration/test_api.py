@@ -283,4 +283,31 @@ def test_gunicorn_serves_metrics_only_on_the_metrics_port(rabbit, redis_node, re
     assert "jobs_api_publish_duration_seconds_count 1.0" in metrics
     assert 'jobs_api_store_duration_seconds_count{operation="create"}' in metrics
     assert "jobs_api_http_requests_in_progress" in metrics
+    # Series exist from the start (at 0), so rate() sees the first event after a restart.
+    assert 'jobs_api_jobs_accepted_total{type="flaky"} 0.0' in metrics
+    assert 'jobs_api_jobs_rejected_total{reason="broker_unavailable"} 0.0' in metrics
     assert json.loads(requests.get(f"{api.url}/openapi.json", timeout=5).text)["openapi"].startswith("3.1")
+
+
+def test_every_rejection_reason_is_pre_initialised():
+    import re
+    from pathlib import Path
+
+    import main_app.api
+    from main_app.metrics import REJECT_REASONS
+
+    source = Path(main_app.api.__file__).read_text()
+    used = set(re.findall(r'reason="([a-z_]+)"', source)) | set(re.findall(r'"([a-z]+_unavailable)"', source))
+    used.discard("not_found")  # GET /jobs/<id>, not a submission
+    assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)
+
+
+def test_a_gunicorn_worker_accepts_requests_only_once_connected(rabbit, redis_node, redis_client, amqp, start_api):
+    """Right after start, every request that gets an answer is served by a connected worker."""
+    import requests
+
+    api = start_api(rabbit.url, redis_node.url, wait_ready=False, GUNICORN_WORKERS="3")
+    codes = []
+    for _ in range(40):  # fresh connections, spread over the workers as they come up
+        codes.append(requests.post(f"{api.url}/jobs", json={"type": "echo"}, headers=AUTH, timeout=10).status_code)
+    assert codes == [202] * 40, codes

@@ -52,6 +52,9 @@ def store(redis_node, redis_client):
 
 def test_every_job_type_reaches_its_final_state(rabbit, redis_node, store, amqp, start_worker):
     worker = start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="3")
+    fresh = requests.get(f"{worker.url}/metrics", timeout=5).text
+    assert 'jobs_worker_jobs_processed_total{outcome="failed",type="fail"} 0.0' in fresh
+    assert 'jobs_worker_dead_lettered_total{reason="max_attempts"} 0.0' in fresh
     jobs = {
         "echo": new_job(store, "echo", {"hello": ["world"]}),
         "sleep": new_job(store, "sleep", {"seconds": 0.3}),
