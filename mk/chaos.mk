@@ -32,7 +32,7 @@ $(ABUSE_STAMP): tests/abuse/requirements.txt contract/pyproject.toml main-app/py
 abuse-tools: $(ABUSE_STAMP) ## Install schemathesis + hypothesis (hash-locked) and the apps into .tools/abuse
 
 .PHONY: test-chaos
-test-chaos: venv services-deps ## Fault scenarios with lost-job accounting (~6 min), then test-abuse; table in reports/chaos/
+test-chaos: venv services-deps ## Fault scenarios with lost-job accounting (~4 min), then test-abuse (~1 min); table in reports/chaos/
 	@status=0; \
 	$(BIN)/pytest tests/chaos -c pytest.ini -p no:cacheprovider $(CHAOS_PYTEST_ARGS) || status=$$?; \
 	$(MAKE) test-abuse || status=$$((status ? status : $$?)); \

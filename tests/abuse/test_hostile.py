@@ -327,5 +327,8 @@ def test_documented_valid_requests_are_accepted(api, job_type):
     document = requests.get(f"{api.url}/openapi.json", timeout=5).json()
     schema = {**document["components"]["schemas"]["JobRequest"], "components": document["components"]}
     request = {"type": job_type}
-    assert Draft202012Validator(schema).is_valid(request)  # the document says: valid
-    assert submit(api, request).status_code == 202, "the document's valid request was refused"
+    documented_valid = Draft202012Validator(schema).is_valid(request)
+    status = submit(api, request).status_code
+    # The document and the API must agree (either fix of the bug makes this pass, and the
+    # strict xfail then reports XPASS: remove the marker).
+    assert documented_valid == (status == 202), f"document says valid={documented_valid}, the API answered {status}"
