@@ -1,11 +1,11 @@
 """A flood of bad requests does not slow good ones beyond a documented bound
-(docs/guarantees.md, "Abuse"): against gunicorn main-app with its defaults (2 workers x
-8 threads) on this 2-core machine, with the flood in a separate process.
+(docs/guarantees.md, "Abuse"): against gunicorn main-app with 2 workers and its default
+threads on this 2-core machine, with the flood in a separate process.
 
-Bound: while FLOOD_CONNECTIONS connections send bad requests (wrong token, malformed
+Bound: while CONNECTIONS connections send bad requests (wrong token, malformed
 JSON, over-limit bodies, deep nesting, schema violations, traversal ids) as fast as
 they can, every good submission is still answered 202, and the good submissions' p95
-latency stays under max(FLOOD_P95_FLOOR_S, FLOOD_P95_FACTOR x the unflooded p95).
+latency stays under max(P95_FLOOR_S, P95_FACTOR x the unflooded p95).
 """
 
 import json

@@ -300,7 +300,7 @@ def test_poison(row, rabbit, redis_node, redis_client, amqp, start_api, start_wo
 @pytest.mark.scenario(f"6 backlog ({BACKLOG} jobs, then workers)")
 @pytest.mark.timeout(600)
 def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_worker):
-    api = api_ready(start_api, rabbit.url, redis_node.url, GUNICORN_THREADS="8")
+    api = api_ready(start_api, rabbit.url, redis_node.url)
     watcher = FinishWatcher(redis_node.port).start()
     submit_started = time.monotonic()
     load = Load(api.url, api.token, lambda n: {"type": "echo", "payload": {"n": n}}, total=BACKLOG,
