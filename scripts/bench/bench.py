@@ -788,7 +788,15 @@ def main() -> int:
     print(result["table"])
     print(f"\nresults: {out_dir / 'latest.json'}")
     print(bench_line(result))
-    return 0
+    # Numbers from a system that failed requests or lost jobs are not results.
+    problems = []
+    if result["ingest_non_2xx"]:
+        problems.append(f"{result['ingest_non_2xx']} ingest requests failed (non-2xx or socket errors)")
+    if result["e2e_not_succeeded"]:
+        problems.append(f"{result['e2e_not_succeeded']} accepted jobs did not succeed in the end-to-end phase")
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
