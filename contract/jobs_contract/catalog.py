@@ -81,6 +81,8 @@ def request_schema(limits: Limits) -> dict[str, Any]:
         "oneOf": [
             {
                 "properties": {"type": {"const": name}, "payload": schema},
+                # A payload with required fields cannot be left out (it would default to {}).
+                "required": ["type", "payload"] if schema.get("required") else ["type"],
                 "title": name,
             }
             for name, schema in payload_schemas(limits).items()

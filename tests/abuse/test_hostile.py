@@ -318,10 +318,6 @@ def test_metrics_not_on_the_api_port(api):
 # --- the published schema and the validator agree --------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "core bug: the OpenAPI JobRequest schema (jobs_contract.catalog.request_schema) accepts a request without "
-    "`payload` for types whose payload has required fields (sleep, cpu, flaky), but the API then validates "
-    "the default {} and answers 422; found by schemathesis. Fix: require `payload` in those oneOf branches."))
 @pytest.mark.parametrize("job_type", ["sleep", "cpu", "flaky"])
 def test_documented_valid_requests_are_accepted(api, job_type):
     document = requests.get(f"{api.url}/openapi.json", timeout=5).json()
@@ -329,6 +325,6 @@ def test_documented_valid_requests_are_accepted(api, job_type):
     request = {"type": job_type}
     documented_valid = Draft202012Validator(schema).is_valid(request)
     status = submit(api, request).status_code
-    # The document and the API must agree (either fix of the bug makes this pass, and the
-    # strict xfail then reports XPASS: remove the marker).
+    # The document and the API must agree (found by the fuzzer: the document once allowed a
+    # missing payload for types whose payload has required fields).
     assert documented_valid == (status == 202), f"document says valid={documented_valid}, the API answered {status}"

@@ -319,9 +319,18 @@ def test_alert_rules_are_healthy_and_behave(scenario):
     pending = {name for name, state in states if state == "pending"}
     # dead letters in the last 15 min and no `for`: fires at once
     assert firing == {"JobsDeadLettering"}, states
-    # true but not yet for long enough: 60 ready messages not draining (saturated workers) and
-    # 10 messages in jobs.dead
-    assert {"JobsBacklogDrainTooSlow", "JobsDeadLetterQueueNotEmpty"} <= pending, states
+    # true but not yet for long enough: 10 messages in jobs.dead
+    assert "JobsDeadLetterQueueNotEmpty" in pending, states
+    # The backlog alert is pending exactly when its own condition (read from the manifest) holds
+    # now: the ready backlog would take over 300 s to drain at the current processing rate.
+    import re
+
+    drain_expr = alerts["JobsBacklogDrainTooSlow"]["expr"]
+    condition = re.fullmatch(r"(.*)\s>\s*([0-9.]+)", drain_expr.strip(), re.S)
+    drain_seconds = scenario.value(condition.group(1))
+    assert ("JobsBacklogDrainTooSlow" in pending) == (drain_seconds is not None
+                                                      and drain_seconds > float(condition.group(2))), \
+        (drain_seconds, states)
     # 10 of ~60 jobs failed on purpose: the failure-ratio alert may be pending too; nothing else
     assert pending <= {"JobsBacklogDrainTooSlow", "JobsDeadLetterQueueNotEmpty", "JobsWorkerHighFailureRate"}, states
 
@@ -359,19 +368,15 @@ def test_label_cardinality_is_bounded(scenario):
                       "unmatched"}, routes
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "service-app/main-app do not initialise their labelled counters at start (e.g. "
-    "jobs_worker_dead_lettered_total{reason}, jobs_worker_jobs_processed_total{type,outcome}): a series appears "
-    "with its first increment, so rate()/increase() cannot see that increment (reported to the lead)"))
 def test_first_events_are_visible_to_rate(scenario):
+    # The apps create their labelled series at 0 on start, so the first events count.
     increase = scenario.value("sum(increase(jobs_worker_dead_lettered_total[10m]))")
     assert increase is not None and increase >= 0.9 * scenario.dead_lettered, (increase, scenario.dead_lettered)
 
 
 # ----------------------------------------------------------------------------- dashboard
-# Series that the local stack cannot have: kube-state-metrics (cluster only) and counters
-# whose labelled series only exist after a first event (no rejection happened here).
-MAY_BE_EMPTY = ("kube_", "jobs_api_jobs_rejected_total")
+# Series that the local stack cannot have: kube-state-metrics (cluster only).
+MAY_BE_EMPTY = ("kube_",)
 
 
 def test_dashboard_queries_run_on_the_real_prometheus(scenario):

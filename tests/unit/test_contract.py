@@ -127,3 +127,26 @@ def test_topology_is_quorum_with_dead_lettering():
     assert all((e, q) in bound for e, q in [("jobs", "jobs"), ("jobs.dlx", "jobs.dead")])
     definitions = topology.definitions()
     assert len(definitions["queues"]) == len(topology.QUEUES)
+
+
+def test_published_request_schema_agrees_with_the_validator():
+    """What the OpenAPI document calls valid, the API accepts, and the other way round."""
+    from jsonschema import Draft202012Validator
+
+    from jobs_contract.catalog import request_schema
+
+    limits = Limits(max_sleep_seconds=10, max_cpu_ms=1000, max_fail_times=3)
+    schema = Draft202012Validator(request_schema(limits))
+    documents = [
+        {"type": "echo"}, {"type": "sleep"}, {"type": "cpu"}, {"type": "flaky"}, {"type": "fail"},
+        {"type": "sleep", "payload": {"seconds": 1}}, {"type": "sleep", "payload": {"seconds": 11}},
+        {"type": "cpu", "payload": {"ms": 5}}, {"type": "fail", "payload": {"message": "x"}},
+        {"type": "flaky", "payload": {"fail_times": 4}}, {"type": "nope"}, {"type": "echo", "x": 1},
+    ]
+    for document in documents:
+        try:
+            validator.__class__(limits).validate(document)
+            accepted = True
+        except ValidationFailed:
+            accepted = False
+        assert schema.is_valid(document) == accepted, document
