@@ -144,3 +144,25 @@ def test_resource_alarm_answers_503_at_once_and_publishes_nothing(private_rabbit
     while (ready := private_rabbit.queue_counts("jobs")[0]) < accepted_total and time.monotonic() < deadline:
         time.sleep(0.2)
     assert accepted_total <= ready <= accepted_total + ambiguous, (ready, accepted_total, statuses)
+
+
+def test_logs_never_contain_tokens_or_payloads(rabbit, redis_node, redis_client, amqp, start_api, start_worker):
+    """Neither app logs a bearer token or any part of a job's payload, on success or failure paths."""
+    secret = "s3cr3t-payload-value-7f1c"
+    api = start_api(rabbit.url, redis_node.url, ACCESS_LOG="true", LOG_LEVEL="DEBUG")
+    worker = start_worker(rabbit.url, redis_node.url, MAX_ATTEMPTS="2", JOB_MAX_SLEEP_SECONDS="1")
+    ids = [
+        api.submit("echo", {"card": secret}).json()["id"],
+        api.submit("fail", {"message": secret}).json()["id"],  # the error text quotes the payload
+    ]
+    assert api.submit("sleep", {"seconds": secret}).status_code == 422  # validation message quotes it too
+    bad_token = requests.post(f"{api.url}/jobs", json={"type": "echo"}, timeout=5,
+                              headers={"Authorization": f"Bearer {secret}-not-a-token"})
+    assert bad_token.status_code == 401
+    for job_id in ids:
+        api.wait_final(job_id)
+    assert api.get(ids[1]).json()["error"].endswith(secret)  # the client still sees the full error
+    logs = api.proc.output() + worker.proc.output()
+    assert "JobFailed" in worker.proc.output()  # the failure is logged, by type
+    assert secret not in logs
+    assert api.token not in logs

@@ -295,7 +295,7 @@ def backends(rendered, tmp_path_factory):
         pytest.fail("the project venv is missing: run `make venv` (make test-k8s does)")
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        from stack import RabbitNode  # the local stack's helper (scripts/stack.py)
+        from stack import RabbitNode, wait_for_port  # the local stack's helpers (scripts/stack.py)
     finally:
         sys.path.pop(0)
     docs = rendered["ci"]
@@ -313,7 +313,7 @@ def backends(rendered, tmp_path_factory):
     try:
         rabbit.start(timeout=90)
         redis = RedisServer(docs, base / "redis")
-        wait_port(redis.port, 15)
+        wait_for_port(redis.port, 15)
     except Exception as exc:  # noqa: BLE001
         rabbit.stop()
         if redis:
@@ -327,17 +327,6 @@ def backends(rendered, tmp_path_factory):
 def secret_name(docs, prefix: str) -> str:
     names = [o["metadata"]["name"] for o in docs if o["kind"] == "Secret"]
     return next(n for n in names if n == prefix or n.startswith(prefix + "-"))
-
-
-def wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing on 127.0.0.1:{port}")
 
 
 class App:
