@@ -340,7 +340,7 @@ class Worker:
         self._running_delta(+1)
         try:
             result = run_with_timeout(HANDLERS[job.type], job.payload, ctx, settings.job_timeout_seconds)
-            orjson.dumps(result)  # a result that cannot be stored fails the attempt, like any error
+            encoded = orjson.dumps(result)  # a result that cannot be stored fails the attempt, like any error
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"[:2000]
             outcome = "retried" if job.attempt < settings.max_attempts else "failed"
@@ -352,7 +352,7 @@ class Worker:
 
         identity = _identity(job)
         if outcome == "succeeded":
-            self._record(self.store.succeed, job.id, result, identity=identity)
+            self._record(self.store.succeed, job.id, result, identity=identity, encoded_result=encoded)
             self._observe_final(job, outcome)
             return Settle("ack")
         # The error text goes to the job record (its client reads it), never to the logs:
