@@ -5,7 +5,7 @@ the job record in Redis and the RabbitMQ topology, so the two apps cannot
 disagree about any of them.
 """
 
-from jobs_contract.catalog import JOB_TYPES, Limits, ValidationFailed, validate_request
+from jobs_contract.catalog import JOB_TYPES, Limits, ValidationFailed
 from jobs_contract.message import SCHEMA_VERSION, JobMessage, PoisonMessage
 from jobs_contract.store import FINAL_STATUSES, STATUSES, JobStore
 
@@ -19,5 +19,4 @@ __all__ = [
     "Limits",
     "PoisonMessage",
     "ValidationFailed",
-    "validate_request",
 ]

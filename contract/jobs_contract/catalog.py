@@ -195,7 +195,3 @@ def _raise_first(validator: Draft202012Validator, instance: Any, prefix: str) ->
         extra = error.message.split("'")[1] if "'" in error.message else ""
         path = f"{path}/{extra}"
     raise ValidationFailed(prefix + path or "/", error.message[:300])
-
-
-def validate_request(document: Any, limits: Limits) -> tuple[str, dict[str, Any]]:
-    return RequestValidator(limits).validate(document)
