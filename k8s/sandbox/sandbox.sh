@@ -223,7 +223,7 @@ start_registry() {
   mkdir -p "$STATE/registry"
   write "$STATE/registry.yml" <<EOF
 version: 0.1
-log: {level: warn}
+log: {level: warn, accesslog: {disabled: true}}
 storage:
   filesystem: {rootdirectory: $STATE/registry}
   delete: {enabled: true}
@@ -409,6 +409,17 @@ data:
 EOF
 }
 
+skaffold_config() { # skaffold_config set|unset: Skaffold pushes to the sandbox registry for this context
+  local skaffold
+  skaffold=$("$HERE/tools/build.sh" skaffold 2>/dev/null)/skaffold || return 0
+  [[ -x $skaffold ]] || return 0
+  if [[ $1 == set ]]; then
+    "$skaffold" config set --kube-context "$CONTEXT" default-repo localhost:5000 >/dev/null
+  else
+    "$skaffold" config unset --kube-context "$CONTEXT" default-repo >/dev/null 2>&1 || true
+  fi
+}
+
 wait_node_ready() {
   local deadline=$((SECONDS + 120))
   until [[ "$(kubectl_ get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]; do
@@ -449,6 +460,7 @@ up() {
   start_kubelet
   start_kube_proxy
   cluster_objects
+  skaffold_config set
   wait_node_ready
   addons
   log "ready: export KUBECONFIG=$KUBECONFIG_OUT (context $CONTEXT)"
@@ -533,6 +545,8 @@ clean_iptables() {
 }
 
 down() {
+  # Best effort: every step runs even when an earlier one finds nothing to do.
+  set +e +o pipefail
   local i
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     [[ ${COMPONENTS[i]} == containerd ]] && kill_pods
@@ -545,7 +559,7 @@ down() {
   ip link del "$NODE_IF" 2>/dev/null || true
   clean_iptables
   rm -rf "$STATE" "$RUN" "$REPO/.sandbox"
-  # Skaffold's per-context settings for the sandbox (set by `up`).
+  skaffold_config unset
   log "sandbox down"
 }
 

@@ -18,7 +18,7 @@ names=("$@")
 for name in "${names[@]}"; do
   mod="$here/$name"
   [ -f "$mod/go.mod" ] || { echo "error: no tools module $mod" >&2; exit 2; }
-  key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
+  key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' -o -name ldflags \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
   out="$cache/$name-$key"
   mkdir -p "$cache"
   # One build per tool at a time: a second caller waits for the first and reuses its result.
@@ -29,7 +29,9 @@ for name in "${names[@]}"; do
     rm -rf "$out.tmp" && mkdir -p "$out.tmp"
     # Static binaries, but Tilt's Tiltfile language server links tree-sitter (C).
     cgo=0; [ "$name" = tilt ] && cgo=1
-    (cd "$mod" && CGO_ENABLED=$cgo go build -ldflags='-s -w' -o "$out.tmp/" tool) >&2
+    # A module may stamp versions into its binaries (ldflags file; Kubernetes reports its version from it).
+    ldflags="-s -w $(cat "$mod/ldflags" 2>/dev/null || true)"
+    (cd "$mod" && CGO_ENABLED=$cgo go build -ldflags="$ldflags" -o "$out.tmp/" tool) >&2
     touch "$out.tmp/.complete" && rm -rf "$out" && mv "$out.tmp" "$out"
     echo "built $name in $(( $(date +%s) - start ))s" >&2
   fi
