@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -12,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import OVERLAYS, VARIANTS, WORKLOAD_KINDS, find, pod_spec
+from conftest import OVERLAYS, ROOT, VARIANTS, WORKLOAD_KINDS, find, pod_spec
 
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CRD_FILES = {
@@ -461,3 +462,132 @@ def test_everything_lands_in_the_jobs_namespace(rendered, variant):
         if o["kind"] not in cluster_scoped and o["metadata"].get("namespace") != "jobs"
     ]
     assert not stray, stray
+
+
+# ---------------------------------------------------------------- third-party images
+
+APP_IMAGES = {"main-app", "service-app"}
+PINNED = re.compile(r"^(?P<name>[a-z0-9./-]+):(?P<tag>[\w.-]+)@sha256:[0-9a-f]{64}$")
+
+
+def _containers(obj):
+    spec = pod_spec(obj)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_third_party_images_pinned_by_tag_and_digest(rendered, variant):
+    problems = []
+    for obj in rendered[variant]:
+        if obj["kind"] not in WORKLOAD_KINDS:
+            continue
+        for c in _containers(obj):
+            image = c["image"]
+            if image in APP_IMAGES:
+                continue  # tagged at deploy time by Skaffold/Tilt
+            if not PINNED.match(image):
+                problems.append(f"{obj['metadata']['name']}/{c['name']}: {image} is not pinned by tag and digest")
+    assert not problems, "\n".join(problems)
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.match(r"^(\d+(?:\.\d+)*)", tag).group(1).split("."))
+
+
+def test_redis_has_the_cve_2025_49844_fix(rendered):
+    for variant in ALL:
+        for obj in rendered[variant]:
+            if obj["kind"] == "StatefulSet" and obj["metadata"]["name"] == "redis":
+                (c,) = _containers(obj)
+                tag = PINNED.match(c["image"]).group("tag")
+                # 7.4.6 fixed CVE-2025-49844 ("RediShell") on the 7.4 line.
+                assert _version(tag) >= (7, 4, 6), c["image"]
+
+
+def test_third_party_image_versions_live_in_one_place():
+    """Only k8s/base/kustomization.yaml's `images:` names their tags; the manifests use
+    bare names and the docs point there (k8s/sandbox/ swaps in its stand-ins by name)."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"\b(rabbitmq|redis):v?\d+\.\d+")
+    where = sorted(
+        f
+        for f in tracked
+        if not f.startswith("k8s/sandbox/")
+        and f != "tests/k8s/test_manifests.py"
+        and (ROOT / f).is_file()
+        and (ROOT / f).suffix in {".yaml", ".yml", ".md", ".py", ".mk", ""}
+        and pattern.search((ROOT / f).read_text(errors="replace"))
+    )
+    assert where == ["k8s/base/kustomization.yaml"], where
+    base = yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())
+    assert {i["name"] for i in base["images"]} == {"rabbitmq", "redis"}
+
+
+# ---------------------------------------------------------------- StatefulSets
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_statefulsets_change_volume_ownership_only_on_mismatch(rendered, variant):
+    for obj in rendered[variant]:
+        if obj["kind"] != "StatefulSet":
+            continue
+        ctx = pod_spec(obj)["securityContext"]
+        assert "fsGroup" in ctx
+        assert ctx.get("fsGroupChangePolicy") == "OnRootMismatch", obj["metadata"]["name"]
+
+
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9, "": 1}
+# redis.conf units: "1mb" = 1024*1024 bytes, "1m" = 1000000 bytes.
+REDIS_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 10**3, "m": 10**6, "g": 10**9, "": 1}
+
+
+def _bytes(value: str, units: dict[str, int]) -> int:
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(value)).groups()
+    return int(number) * units[unit if unit in units else unit.lower()]
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_redis_memory_limit_leaves_room_for_an_aof_rewrite(rendered, variant):
+    """An AOF rewrite forks; under writes the child's copy-on-write pages can approach
+    the dataset's size, so the container needs about twice --maxmemory (else the
+    kernel OOM-kills Redis in the middle of a rewrite)."""
+    sts = [o for o in rendered[variant] if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "redis"]
+    if not sts:
+        pytest.skip(f"{variant}: no in-cluster Redis")
+    (c,) = _containers(sts[0])
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    maxmemory = _bytes(args[args.index("--maxmemory") + 1], REDIS_UNITS)
+    limit = _bytes(c["resources"]["limits"]["memory"], QUANTITY)
+    assert limit >= 2 * maxmemory, f"{variant}: limit {limit >> 20} MiB < 2 x maxmemory {maxmemory >> 20} MiB"
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_rabbitmq_node_name_does_not_assume_a_cluster_domain(rendered, variant):
+    """The node name is built from the downward API and the headless Service and is
+    resolved through the pod's DNS search path: no cluster domain is written anywhere."""
+    text = yaml.safe_dump_all(rendered[variant])
+    assert "cluster.local" not in text
+    sts = find(rendered[variant], "StatefulSet", "rabbitmq")
+    (c,) = pod_spec(sts)["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["RABBITMQ_NODENAME"]["value"] == f"rabbit@$(POD_NAME).{sts['spec']['serviceName']}.$(POD_NAMESPACE)"
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    names = [e["name"] for e in c["env"]]
+    assert names.index("POD_NAME") < names.index("RABBITMQ_NODENAME") > names.index("POD_NAMESPACE")
+
+
+def test_prod_overlay_header_names_every_secret_it_needs(rendered):
+    """The prod kustomization's header is what an operator reads first: it must list
+    every Secret prod references but does not render."""
+    docs = rendered["prod"]
+    rendered_secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    needed = {name for obj in docs if obj["kind"] in WORKLOAD_KINDS for kind, name, _ in _refs(pod_spec(obj)) if kind == "Secret"}
+    needed |= {t["secretName"] for o in docs if o["kind"] == "Ingress" for t in o["spec"].get("tls", [])}
+    header = "".join(
+        line for line in (ROOT / "k8s/overlays/prod/kustomization.yaml").read_text().splitlines(True) if line.startswith("#")
+    )
+    missing = {name for name in needed - rendered_secrets if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", header)}
+    assert not missing, f"k8s/overlays/prod/kustomization.yaml does not name {sorted(missing)}"
