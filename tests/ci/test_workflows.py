@@ -198,3 +198,85 @@ def test_docs_explain_triggers_secrets_and_namespace():
     for needle in ("DOCKERHUB_USERNAME", "DOCKERHUB_TOKEN", "DOCKERHUB_NAMESPACE", *(p.name for p in workflow_paths())):
         assert needle in doc, f"docs/ci-cd.md does not mention {needle}"
     assert WORKFLOWS_DIR.is_dir()
+
+
+def _glob_re(pattern: str) -> re.Pattern:
+    """GitHub's path-filter globs: `**` crosses directories, `*` and `?` do not."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out + r"\Z")
+
+
+def _kustomize_inputs(directory: Path, seen: set[Path]) -> set[Path]:
+    """Every file a kustomization reads, following resources/components into other dirs."""
+    directory = directory.resolve()
+    if directory in seen:
+        return set()
+    seen.add(directory)
+    kfile = directory / "kustomization.yaml"
+    files = {kfile}
+    doc = load_yaml(kfile)
+    refs = list(doc.get("resources", [])) + list(doc.get("components", []))
+    refs += [p["path"] for p in doc.get("patches", []) if "path" in p]
+    for gen in doc.get("configMapGenerator", []) + doc.get("secretGenerator", []):
+        refs += [f.split("=", 1)[-1] for f in gen.get("files", [])] + list(gen.get("envs", []))
+    for ref in refs:
+        target = (directory / ref).resolve()
+        if target.is_dir():
+            files |= _kustomize_inputs(target, seen)
+        elif "secrets/" not in ref:  # generated, git-ignored credentials
+            files.add(target)
+    return files
+
+
+def _e2e_inputs() -> set[str]:
+    """Repository files the e2e job's build and deploy read (`make cluster-up`,
+    `make deploy PROFILE=ci`, `make loadtest`)."""
+    skaffold = load_yaml(ROOT / "skaffold.yaml")
+    files = {ROOT / p for p in ("skaffold.yaml", "Makefile", ".dockerignore", ".github/workflows/e2e.yml")}
+    files |= set((ROOT / "mk").glob("*.mk"))
+    # Build context (the repo root) as .dockerignore lets it through, and the Dockerfiles.
+    for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        if line.startswith("!"):
+            files |= {p for p in (ROOT / line[1:].rstrip("/")).rglob("*") if p.is_file()} | {ROOT / line[1:].rstrip("/")}
+    files |= {ROOT / a["docker"]["dockerfile"] for a in skaffold["build"]["artifacts"]}
+    # Manifests: the kustomize tree of every path Skaffold renders for ci, hooks, verify.
+    for path in skaffold["manifests"]["kustomize"]["paths"]:
+        files |= _kustomize_inputs(ROOT / path, set())
+    for hook in skaffold["manifests"].get("hooks", {}).get("before", []):
+        files |= {ROOT / arg for arg in hook["host"]["command"] if (ROOT / arg).is_file()}
+    for case in skaffold.get("verify", []):
+        files.add(ROOT / case["executionMode"]["kubernetesCluster"]["jobManifestPath"])
+    # gen-secrets.py (make k8s-secrets) loads the contract's access/topology modules.
+    files |= set((ROOT / "contract" / "jobs_contract").glob("*.py"))
+    files |= {ROOT / "k8s/kind/cluster.yaml", ROOT / "loadtest/locustfile.py", ROOT / "loadtest/requirements.txt"}
+    # The Tiltfile deploys the same manifests and images; e2e is their only cluster run.
+    files.add(ROOT / "Tiltfile")
+    return {p.resolve().relative_to(ROOT).as_posix() for p in files if p.is_file()}
+
+
+def test_e2e_path_filter_covers_every_file_its_build_and_deploy_read(workflows):
+    filters = triggers(workflows["e2e.yml"])["pull_request"]["paths"]
+    patterns = [_glob_re(p) for p in filters]
+    inputs = _e2e_inputs()
+    assert {"rabbitmq/rabbitmq.conf", "scripts/images/requirements-build.txt", ".dockerignore"} <= inputs
+    missed = sorted(f for f in inputs if not any(p.match(f) for p in patterns))
+    assert not missed, f"e2e.yml does not run when these change: {missed}"
+
+
+def test_path_filter_globs_behave_like_github():
+    assert _glob_re("k8s/**").match("k8s/overlays/ci/kustomization.yaml")
+    assert not _glob_re("mk/*").match("mk/sub/x.mk") and _glob_re("mk/*").match("mk/k8s.mk")
+    assert not _glob_re("Tiltfile").match("Tiltfile.bak")
