@@ -6,6 +6,7 @@
 #   sandbox.sh down     stop everything and leave nothing behind (processes, mounts, netns,
 #                       interfaces, iptables/nftables rules, state)
 #   sandbox.sh status   what runs
+#   sandbox.sh leftovers  list anything `down` should have removed (exit 1 if any)
 #
 # Addresses and names: k8s/sandbox/CONVENTIONS.md. Needs root (it runs a kubelet).
 set -euo pipefail
@@ -563,6 +564,24 @@ down() {
   log "sandbox down"
 }
 
+# leftovers: print whatever `down` should have removed; exit 1 if anything is left.
+leftovers() {
+  set +e +o pipefail
+  local found=0 line
+  report() { while read -r line; do [[ -n $line ]] && { echo "left behind: $1: $line"; found=1; }; done; }
+  pgrep -a -f "$STATE|$RUN|jobs-sandbox/kubernetes-|containerd-shim-runc-v2 .*$CONTAINERD_SOCK" | grep -v -e pgrep -e 'build.sh' -e 'go build' | report process
+  grep -E " ($STATE|$RUN)" /proc/mounts | report mount
+  ls -d /var/run/netns/cni-* 2>/dev/null | report netns
+  ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | grep -E "^($BRIDGE|$NODE_IF)(@|$)" | report interface
+  ip -o link show type veth 2>/dev/null | grep -v 'master docker' | awk -F': ' '{print $2}' | report veth
+  for ipt in iptables ip6tables; do
+    $ipt-save 2>/dev/null | grep -E '^:(KUBE-|CNI-)' | sed "s/^/$ipt /" | report rule
+  done
+  nft list tables 2>/dev/null | grep -E 'kube-proxy|kube-network-policies' | report nftables
+  [[ -e $STATE || -e $RUN ]] && echo "$STATE $RUN" | report state
+  return $found
+}
+
 status() {
   local c rc=0
   for c in "${COMPONENTS[@]}"; do
@@ -575,5 +594,6 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  leftovers) leftovers ;;
+  *) echo "usage: $0 up|down|status|leftovers" >&2; exit 2 ;;
 esac
