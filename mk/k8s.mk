@@ -9,8 +9,19 @@ K8S_REPORTS := reports/k8s
 K8S_OVERLAYS := dev ci prod
 K8S_PYTEST_ARGS ?=
 
+# The real Skaffold and Tilt (pinned in k8s/sandbox/tools/{skaffold,tilt}/go.mod) for
+# `make test-k8s`: built from their Go modules into a cache outside the repo on first
+# use (needs Go >= 1.26; ~10+ minutes each on 2 cores, then reused), or given
+# explicitly: make test-k8s SKAFFOLD_BIN=/path/skaffold TILT_BIN=/path/tilt.
+K8S_GO_TOOLS := k8s/sandbox/tools/build.sh
+SKAFFOLD_BIN ?=
+TILT_BIN ?=
+
 CLUSTER_NAME ?= jobs
 KIND_CONFIG ?= k8s/kind/cluster.yaml
+# kind >= 0.24 enforces NetworkPolicies (the manifests rely on them); the node image
+# pinned in KIND_CONFIG is the one kind v0.31.0 publishes for Kubernetes 1.34.
+KIND_MIN_VERSION := 0.24.0
 # Pinned chart versions for `make cluster-up`.
 METRICS_SERVER_CHART_VERSION ?= 3.13.0
 KUBE_PROMETHEUS_STACK_CHART_VERSION ?= 88.5.0
@@ -74,10 +85,19 @@ k8s-render: k8s-tools k8s-secrets ## Render every overlay with kustomize into re
 	  echo "rendered k8s/overlays/$$o -> $(K8S_REPORTS)/rendered/$$o.yaml"; \
 	done
 
+.PHONY: k8s-cli
+k8s-cli: ## Build (or reuse) the pinned skaffold and tilt binaries that test-k8s runs (cache: SANDBOX_CACHE)
+	@$(K8S_GO_TOOLS) skaffold tilt
+
 .PHONY: test-k8s
-test-k8s: k8s-tools promtool venv services-deps k8s-secrets ## Prove manifests, skaffold.yaml and Tiltfile short of a cluster (render, validate, checkov, promtool, app cross-checks)
+test-k8s: k8s-tools promtool venv services-deps k8s-secrets ## Prove manifests, skaffold.yaml and Tiltfile short of a cluster (render, validate, real skaffold/tilt, checkov, promtool, app cross-checks)
 	@mkdir -p $(K8S_REPORTS)
-	PATH="$(CURDIR)/$(K8S_TOOLS_BIN):$$PATH" $(K8S_TOOLS_BIN)/pytest -c tests/k8s/pytest.ini tests/k8s $(K8S_PYTEST_ARGS)
+	@skaffold_bin="$(SKAFFOLD_BIN)"; tilt_bin="$(TILT_BIN)"; \
+	  if [ -z "$$skaffold_bin" ]; then skaffold_bin="$$($(K8S_GO_TOOLS) skaffold)/skaffold"; fi; \
+	  if [ -z "$$tilt_bin" ]; then tilt_bin="$$($(K8S_GO_TOOLS) tilt)/tilt"; fi; \
+	  echo "real tools: $$skaffold_bin, $$tilt_bin"; \
+	  SKAFFOLD_BIN="$$skaffold_bin" TILT_BIN="$$tilt_bin" PATH="$(CURDIR)/$(K8S_TOOLS_BIN):$$PATH" \
+	    $(K8S_TOOLS_BIN)/pytest -c tests/k8s/pytest.ini tests/k8s $(K8S_PYTEST_ARGS)
 
 .PHONY: cluster-up
 cluster-up: ## Create a kind cluster with metrics-server, Prometheus (kube-prometheus-stack) and KEDA (pinned charts)
@@ -85,6 +105,10 @@ cluster-up: ## Create a kind cluster with metrics-server, Prometheus (kube-prome
 	$(call require-tool,kind,$(KIND_HINT))
 	$(call require-tool,helm,$(HELM_HINT))
 	$(call require-tool,kubectl,$(KUBECTL_HINT))
+	@v=$$(kind version | sed -n 's/^kind v\([0-9][0-9.]*\).*/\1/p'); \
+	  if [ -z "$$v" ] || [ "$$(printf '%s\n%s\n' '$(KIND_MIN_VERSION)' "$$v" | sort -V | head -1)" != '$(KIND_MIN_VERSION)' ]; then \
+	    echo "error: kind $${v:-(unknown version)} is too old: >= $(KIND_MIN_VERSION) is needed (NetworkPolicy enforcement); $(KIND_HINT)" >&2; exit 1; \
+	  fi
 	@if kind get clusters 2>/dev/null | grep -qx '$(CLUSTER_NAME)'; then \
 	  echo "kind cluster '$(CLUSTER_NAME)' exists"; \
 	else \
@@ -123,16 +147,23 @@ dev: k8s-secrets ## Run the system on the local cluster with live reload (tilt u
 	$(call require-tool,kubectl,$(KUBECTL_HINT))
 	tilt up
 
+# `--file-output` exists only on `skaffold build`. `skaffold deploy -a` of artifacts
+# built by another process loads them into kind only with --load-images=true.
+SKAFFOLD_REPO_FLAG = $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO))
+K8S_BUILD_OUTPUT := $(K8S_REPORTS)/build.json
+
 .PHONY: deploy
 deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>)
 	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
 	$(call require-tool,docker,$(DOCKER_HINT))
 	$(call require-tool,kubectl,$(KUBECTL_HINT))
 	@mkdir -p $(K8S_REPORTS)
-	skaffold run -p $(PROFILE) $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO)) --file-output $(K8S_REPORTS)/build.json
-	skaffold verify -p $(PROFILE) $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO)) --build-artifacts $(K8S_REPORTS)/build.json
+	skaffold build -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --file-output $(K8S_BUILD_OUTPUT)
+	skaffold deploy -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT) --load-images=true
+	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT))
 
 .PHONY: undeploy
-undeploy: ## Delete what `make deploy` created (PROFILE=...); PVCs of the StatefulSets are kept
+undeploy: ## Delete what `make deploy` created (PROFILE=...); keeps namespace jobs and so its PVCs and Secrets made outside the repo
 	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
-	skaffold delete -p $(PROFILE)
+	$(call require-tool,kubectl,$(KUBECTL_HINT))
+	$(PYTHON) k8s/scripts/undeploy.py --profile $(PROFILE)

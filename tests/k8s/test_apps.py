@@ -31,9 +31,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, find, pod_spec
+from conftest import ROOT, find, pod_spec, skaffold_verify_job
 
 pytestmark = pytest.mark.apps
 
@@ -433,8 +432,11 @@ def test_metrics_served_on_metrics_port_not_api_port(system):
     assert get(f"http://127.0.0.1:{p['worker-metrics']}/metrics")[0] == 200
 
 
-def test_smoke_job_script_passes_against_the_running_apps(system):
-    job = yaml.safe_load((ROOT / "k8s/verify/smoke-job.yaml").read_text())
+def test_smoke_job_script_passes_against_the_running_apps(system, diagnose):
+    """The container `skaffold verify -p ci` runs (skaffold.yaml's verify container
+    patched onto the Job manifest, as Skaffold does), against the running apps."""
+    (case,) = diagnose("ci")[0]["verify"]
+    job = skaffold_verify_job(case)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"][:2] == ["python3", "-c"]
     env = {
