@@ -584,10 +584,16 @@ def test_prod_overlay_header_names_every_secret_it_needs(rendered):
     every Secret prod references but does not render."""
     docs = rendered["prod"]
     rendered_secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
-    needed = {name for obj in docs if obj["kind"] in WORKLOAD_KINDS for kind, name, _ in _refs(pod_spec(obj)) if kind == "Secret"}
+    needed = {
+        name
+        for obj in docs
+        if obj["kind"] in WORKLOAD_KINDS
+        for kind, name, _ in _refs(pod_spec(obj))
+        if kind == "Secret"
+    }
     needed |= {t["secretName"] for o in docs if o["kind"] == "Ingress" for t in o["spec"].get("tls", [])}
-    header = "".join(
-        line for line in (ROOT / "k8s/overlays/prod/kustomization.yaml").read_text().splitlines(True) if line.startswith("#")
-    )
-    missing = {name for name in needed - rendered_secrets if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", header)}
+    lines = (ROOT / "k8s/overlays/prod/kustomization.yaml").read_text().splitlines(True)
+    header = "".join(line for line in lines if line.startswith("#"))
+    named = lambda name: re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", header)  # noqa: E731
+    missing = {name for name in needed - rendered_secrets if not named(name)}
     assert not missing, f"k8s/overlays/prod/kustomization.yaml does not name {sorted(missing)}"
