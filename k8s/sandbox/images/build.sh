@@ -37,14 +37,18 @@ export DOCKER_BUILDKIT=1
 PAUSE_K8S_VERSION=v1.34.4      # k8s.io/kubernetes module whose build/pause/linux/pause.c is built
 DEBIAN_BASE_SUITE=trixie
 
-# name | tag | recipe (tool:<module>:<binary>:<file in image> | pause | debian | python) | tag aliases
-# The tags of the Go add-ons must match the module versions in k8s/sandbox/tools/*/go.mod
-# (checked below); the Debian ones the package's upstream version (checked in the Dockerfile).
+# name | tag | recipe | tag aliases. Recipes:
+#   tool:<tools module>:<binary>:<file in image>   binary from k8s/sandbox/tools/build.sh
+#   gomod:<module>:<binary>:<file in image>         binary from the Go module gomod/<module> here
+#   pause | debian | python                         see above
+# The tags of the Go add-ons must match the module versions in their go.mod (checked below);
+# the Debian ones the package's upstream version (checked in the Dockerfile).
 IMAGES=(
   "pause|3.10|pause|3.10.1"
   "coredns|v1.12.4|tool:coredns:coredns:coredns|"
   "metrics-server|v0.8.0|tool:metrics-server:metrics-server:metrics-server|"
   "kube-network-policies|v0.8.0|tool:kube-network-policies:cmd:netpol|"
+  "kube-router|v2.1.0|gomod:kube-router:kube-router:kube-router|"
   "keda|2.20.2|tool:keda:operator:keda|"
   "keda-metrics-apiserver|2.20.2|tool:keda:adapter:keda-adapter|"
   "prometheus-operator|v0.93.0|tool:prometheus-operator:operator:operator|"
@@ -56,6 +60,7 @@ IMAGES=(
 )
 # Module path per tool (for the version check against go.mod).
 declare -A TOOL_MODULE=(
+  [kube-router]=github.com/cloudnativelabs/kube-router/v2
   [coredns]=github.com/coredns/coredns
   [metrics-server]=sigs.k8s.io/metrics-server
   [kube-network-policies]=sigs.k8s.io/kube-network-policies
@@ -207,6 +212,34 @@ need_tool() {  # tools module, version: builds it if needed (waits on a running 
   fi
 }
 
+# A Go tools module of this directory (gomod/NAME: go.mod with a `tool` directive + go.sum, and
+# optionally `ldflags`, extra -ldflags such as the version upstream's Makefile stamps), built like
+# k8s/sandbox/tools/build.sh builds its modules (same cache, same keying, static binaries).
+declare -A GOMOD_DIR=()
+need_gomod() {  # name version: sets GOMOD_DIR[$1]
+  if [[ -z "${GOMOD_DIR[$1]:-}" ]]; then
+    local mod="$here/gomod/$1" key out start
+    grep -qE "^\s*(require\s+)?${TOOL_MODULE[$1]} $2( |\$)" "$mod/go.mod" \
+      || die "k8s/sandbox/images/gomod/$1/go.mod does not pin ${TOOL_MODULE[$1]} $2: update the tag in $0"
+    command -v go >/dev/null || die "Go is needed to build $1"
+    key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' -o -name ldflags \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
+    out="$SANDBOX_CACHE/$1-$key"
+    mkdir -p "$SANDBOX_CACHE"
+    exec 7>"$out.lock"; flock 7
+    if [[ ! -f "$out/.complete" ]]; then
+      start=$(date +%s)
+      log "building $1 from k8s/sandbox/images/gomod/$1 (cache $out)"
+      rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+      (cd "$mod" && GOFLAGS="-mod=readonly -buildvcs=false -trimpath" CGO_ENABLED=0 \
+         go build -ldflags="-s -w $(cat ldflags 2>/dev/null || true)" -o "$out.tmp/" tool) >&2 || die "go build of $1 failed"
+      touch "$out.tmp/.complete" && rm -rf "$out" && mv "$out.tmp" "$out"
+      log "built $1 in $(( $(date +%s) - start ))s"
+    fi
+    exec 7>&-
+    GOMOD_DIR[$1]=$out
+  fi
+}
+
 pause_src() {
   local dir
   dir=$(cd "$repo/k8s/sandbox/tools/kubernetes" && go mod download -json "k8s.io/kubernetes@$PAUSE_K8S_VERSION" \
@@ -316,10 +349,12 @@ $name $tag $aliases $recipe"
       src=$(pause_src)
       key_parts+=$'\n'"$(sha256sum <"$src") $(gcc --version | head -n1)"
       ;;
-    tool:*)
-      IFS=: read -r _ tmod tbin tfile <<<"$recipe"
+    tool:*|gomod:*)
+      IFS=: read -r rkind tmod tbin tfile <<<"$recipe"
       tversion=$tag; [[ "$tmod" == keda ]] && tversion="v$tag"
-      need_tool "$tmod" "$tversion"; tdir=${TOOL_DIR[$tmod]}
+      if [[ "$rkind" == tool ]]; then need_tool "$tmod" "$tversion"; tdir=${TOOL_DIR[$tmod]}
+      else need_gomod "$tmod" "$tversion"; tdir=${GOMOD_DIR[$tmod]}; need_base debian
+           key_parts+=$'\n'"base ${BASE_KEY[debian]}"; buildargs+=(--build-arg "BASE=sandbox-base/debian:$DEBIAN_BASE_SUITE"); fi
       [[ -x "$tdir/$tbin" ]] || die "$tdir/$tbin missing"
       # The tools cache dir is keyed by the module's go.mod/go.sum and Go version.
       key_parts+=$'\n'"$tdir/$tbin $(stat -c '%s %Y' "$tdir/$tbin") $(sha256sum </etc/ssl/certs/ca-certificates.crt)"
@@ -367,6 +402,9 @@ $name $tag $aliases $recipe"
       ;;
     tool:*)
       stage_scratch_rootfs "$ctx"
+      cp "$tdir/$tbin" "$ctx/$tfile"
+      ;;
+    gomod:*)
       cp "$tdir/$tbin" "$ctx/$tfile"
       ;;
   esac
