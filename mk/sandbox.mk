@@ -17,6 +17,9 @@ sandbox-tools: k8s-tools ## Build the pinned Kubernetes, Skaffold, Tilt, KEDA, .
 	@ln -sf "$$($(SANDBOX_TOOLS) skaffold)/skaffold" $(SANDBOX_BIN)/skaffold
 	@ln -sf "$$($(SANDBOX_TOOLS) tilt)/tilt" $(SANDBOX_BIN)/tilt
 	@ln -sf "$(CURDIR)/$(KUBECTL_PINNED)" $(SANDBOX_BIN)/kubectl
+	@# Skaffold and Tilt build with `docker build` + BuildKit: the engine's own client (Debian's
+	@# docker.io) has it built in, a newer client without the buildx plugin refuses.
+	@if [ -x /usr/bin/docker ]; then ln -sf /usr/bin/docker $(SANDBOX_BIN)/docker; fi
 	@echo "sandbox tools ready; skaffold, tilt and kubectl are linked in $(SANDBOX_BIN)"
 
 .PHONY: sandbox-up
