@@ -174,9 +174,14 @@ def step_pod_security(log: pathlib.Path) -> str:
 
 
 def probe_pod(name: str, image: str, labels: dict[str, str]) -> dict:
-    script = ("import urllib.request,sys\n"
-              "try:\n urllib.request.urlopen('http://main-app:8000/healthz', timeout=5); print('reached')\n"
-              "except Exception as e:\n print('blocked', type(e).__name__); sys.exit(3)\n")
+    # Keep trying for 20 s: the policy enforcer programs a new pod's rules a moment after it starts.
+    script = ("import sys,time,urllib.request\n"
+              "deadline = time.monotonic() + 20\n"
+              "while True:\n"
+              " try:\n  urllib.request.urlopen('http://main-app:8000/healthz', timeout=3); print('reached'); break\n"
+              " except Exception as e:\n"
+              "  if time.monotonic() > deadline: print('blocked', type(e).__name__); sys.exit(3)\n"
+              "  time.sleep(1)\n")
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NAMESPACE, "labels": labels},
