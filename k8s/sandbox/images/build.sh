@@ -8,7 +8,10 @@
 # - pause: k8s.io/kubernetes' build/pause/linux/pause.c (from the Go module cache), gcc -static;
 # - the add-ons (CoreDNS, metrics-server, kube-network-policies, KEDA, Prometheus Operator):
 #   static Go binaries from k8s/sandbox/tools/build.sh, FROM scratch;
-# - Debian-package images (Prometheus, and the stand-ins RabbitMQ and Redis) on a local
+# - add-ons the issue's list implies but kind brings along, from Go modules of this directory
+#   (gomod/): kube-router (NetworkPolicy enforcement: this VM's kernel cannot run
+#   kube-network-policies) and local-path-provisioner (+ busybox for its helper pods);
+# - Debian-package images (Prometheus, busybox, and the stand-ins RabbitMQ and Redis) on a local
 #   debootstrap trixie base `sandbox-base/debian:trixie`;
 # - Locust on the project's Python base `jobs-local/python-base:bookworm`
 #   (scripts/images/build-base.sh, as `make images-base`).
@@ -49,6 +52,8 @@ IMAGES=(
   "metrics-server|v0.8.0|tool:metrics-server:metrics-server:metrics-server|"
   "kube-network-policies|v0.8.0|tool:kube-network-policies:cmd:netpol|"
   "kube-router|v2.1.0|gomod:kube-router:kube-router:kube-router|"
+  "local-path-provisioner|v0.0.30|gomod:local-path-provisioner:local-path-provisioner:local-path-provisioner|"
+  "busybox|1.37.0|debian|"
   "keda|2.20.2|tool:keda:operator:keda|"
   "keda-metrics-apiserver|2.20.2|tool:keda:adapter:keda-adapter|"
   "prometheus-operator|v0.93.0|tool:prometheus-operator:operator:operator|"
@@ -61,6 +66,7 @@ IMAGES=(
 # Module path per tool (for the version check against go.mod).
 declare -A TOOL_MODULE=(
   [kube-router]=github.com/cloudnativelabs/kube-router/v2
+  [local-path-provisioner]=github.com/rancher/local-path-provisioner
   [coredns]=github.com/coredns/coredns
   [metrics-server]=sigs.k8s.io/metrics-server
   [kube-network-policies]=sigs.k8s.io/kube-network-policies
@@ -353,21 +359,15 @@ $name $tag $aliases $recipe"
       IFS=: read -r rkind tmod tbin tfile <<<"$recipe"
       tversion=$tag; [[ "$tmod" == keda ]] && tversion="v$tag"
       if [[ "$rkind" == tool ]]; then need_tool "$tmod" "$tversion"; tdir=${TOOL_DIR[$tmod]}
-      else need_gomod "$tmod" "$tversion"; tdir=${GOMOD_DIR[$tmod]}; need_base debian
-           key_parts+=$'\n'"base ${BASE_KEY[debian]}"; buildargs+=(--build-arg "BASE=sandbox-base/debian:$DEBIAN_BASE_SUITE"); fi
+      else need_gomod "$tmod" "$tversion"; tdir=${GOMOD_DIR[$tmod]}; fi
       [[ -x "$tdir/$tbin" ]] || die "$tdir/$tbin missing"
       # The tools cache dir is keyed by the module's go.mod/go.sum and Go version.
       key_parts+=$'\n'"$tdir/$tbin $(stat -c '%s %Y' "$tdir/$tbin") $(sha256sum </etc/ssl/certs/ca-certificates.crt)"
       ;;
     debian)
-      need_base debian; key_parts+=$'\n'"base ${BASE_KEY[debian]}"
+      # The Dockerfile checks that Debian's package has the upstream version of the tag.
       vtag=${tag#v}; vtag=${vtag%-management}
-      case "$name" in
-        prometheus) buildargs+=(--build-arg "PROMETHEUS_VERSION=$vtag") ;;
-        rabbitmq) buildargs+=(--build-arg "RABBITMQ_VERSION=$vtag") ;;
-        redis) buildargs+=(--build-arg "REDIS_VERSION=$vtag") ;;
-      esac
-      buildargs+=(--build-arg "BASE=sandbox-base/debian:$DEBIAN_BASE_SUITE")
+      vname=${name^^}; buildargs+=(--build-arg "${vname//-/_}_VERSION=$vtag")
       ;;
     python)
       locust_requirements >"$ctx/requirements.txt"
@@ -375,6 +375,11 @@ $name $tag $aliases $recipe"
       need_base python; key_parts+=$'\n'"base ${BASE_KEY[python]} $(sha256sum <"$ctx/requirements.txt")"
       ;;
   esac
+  # Any image on the local Debian base (ARG BASE=sandbox-base/debian:...) depends on its key.
+  if grep -q '^ARG BASE=sandbox-base/debian' "$here/$name/Dockerfile"; then
+    need_base debian; key_parts+=$'\n'"base ${BASE_KEY[debian]}"
+    buildargs+=(--build-arg "BASE=sandbox-base/debian:$DEBIAN_BASE_SUITE")
+  fi
   key=$(printf '%s' "$key_parts" | sha256sum | cut -c1-24)
   statefile="$state/$REGISTRY_ID-$name-$tag"
 
@@ -405,6 +410,7 @@ $name $tag $aliases $recipe"
       cp "$tdir/$tbin" "$ctx/$tfile"
       ;;
     gomod:*)
+      stage_scratch_rootfs "$ctx"
       cp "$tdir/$tbin" "$ctx/$tfile"
       ;;
   esac
