@@ -18,7 +18,7 @@ names=("$@")
 for name in "${names[@]}"; do
   mod="$here/$name"
   [ -f "$mod/go.mod" ] || { echo "error: no tools module $mod" >&2; exit 2; }
-  key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' -o -name ldflags \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
+  key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' -o -name ldflags -o -name '*.html' \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
   out="$cache/$name-$key"
   mkdir -p "$cache"
   # One build per tool at a time: a second caller waits for the first and reuses its result.
@@ -31,7 +31,20 @@ for name in "${names[@]}"; do
     cgo=0; [ "$name" = tilt ] && cgo=1
     # A module may stamp versions into its binaries (ldflags file; Kubernetes reports its version from it).
     ldflags="-s -w $(cat "$mod/ldflags" 2>/dev/null || true)"
-    (cd "$mod" && CGO_ENABLED=$cgo go build -ldflags="$ldflags" -o "$out.tmp/" tool) >&2
+    modflags=()
+    if [ -f "$mod/web/index.html" ]; then
+      # Tilt embeds its web UI from pkg/assets/build, which only its release process fills; without
+      # it, a release-stamped Tilt refuses to start. Build from a copy of its module with a minimal
+      # page there (the module cache itself is read-only).
+      src=$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/tilt-dev/tilt)
+      rm -rf "$out.src" && cp -r "$src" "$out.src" && chmod -R u+w "$out.src"
+      cp "$mod/web/index.html" "$out.src/pkg/assets/build/index.html"
+      cp "$mod/go.mod" "$out.tmp/build.mod" && cp "$mod/go.sum" "$out.tmp/build.sum"
+      (cd "$mod" && go mod edit -modfile "$out.tmp/build.mod" -replace "github.com/tilt-dev/tilt=$out.src")
+      modflags=(-modfile "$out.tmp/build.mod")
+    fi
+    (cd "$mod" && CGO_ENABLED=$cgo go build "${modflags[@]}" -ldflags="$ldflags" -o "$out.tmp/" tool) >&2
+    rm -rf "$out.src" "$out.tmp/build.mod" "$out.tmp/build.sum"
     touch "$out.tmp/.complete" && rm -rf "$out" && mv "$out.tmp" "$out"
     echo "built $name in $(( $(date +%s) - start ))s" >&2
   fi
