@@ -258,9 +258,14 @@ def main_app_pod() -> tuple[str, str]:
 
 def step_live_update(log: pathlib.Path) -> str:
     with log.open("ab") as out:
-        tilt = subprocess.Popen(["tilt", "up", "--stream=true", "--port", str(free_port())], cwd=REPO,
+        tilt = subprocess.Popen(["tilt", "up", "--stream=true"], cwd=REPO,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["tilt", "get", "session"], capture_output=True).returncode != 0:
+            if tilt.poll() is not None or time.monotonic() > deadline:
+                raise Shortfall("tilt up did not start its API server (log: %s)" % log)
+            time.sleep(1)
         run(["tilt", "wait", "--for=condition=Ready", "uiresource/main-app", "--timeout=600s"], timeout=660, log=log)
         pod_before, image_before = main_app_pod()
         nonce = uuid.uuid4().hex[:12]
