@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build every image the sandbox cluster needs and push it to the sandbox registry.
 #
-#   build.sh [--force] [NAME...]   build (if needed) and push NAME (default: all, in table order)
+#   build.sh [--force] [NAME...]   build (if needed) and push NAME (default: all, in table order);
+#                                  --force: rebuild without the build cache (docker build --no-cache)
 #   build.sh --list                print the image references, one a line
 #
 # No image registry is reachable from the project's machines, so everything is built here:
@@ -85,7 +86,7 @@ for arg in "$@"; do
     --list) for row in "${IMAGES[@]}"; do IFS='|' read -r n t _ a <<<"$row"; ref_of "$n" "$t"; echo
               for x in $a; do ref_of "$n" "$x"; echo; done; done; exit 0 ;;
     --force) force=1 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) die "unknown option $arg" ;;
     *) names+=("$arg") ;;
   esac
@@ -414,7 +415,8 @@ $name $tag $aliases $recipe"
       cp "$tdir/$tbin" "$ctx/$tfile"
       ;;
   esac
-  if ! "$DOCKER" build --pull=false --label "sandbox.image.key=$key" --label "sandbox.image.name=$name" \
+  nocache=(); [[ -n "$force" ]] && nocache=(--no-cache)
+  if ! "$DOCKER" build --pull=false "${nocache[@]}" --label "sandbox.image.key=$key" --label "sandbox.image.name=$name" \
         --label "org.opencontainers.image.title=sandbox/$name" \
         --label "org.opencontainers.image.version=$tag" \
         "${buildargs[@]}" -t "$ref" "$ctx" >"$work/build-$name.log" 2>&1; then
