@@ -97,6 +97,7 @@ ensure_packages() {
   command -v docker-registry >/dev/null || need+=(docker-registry)
   command -v openssl >/dev/null || need+=(openssl)
   command -v nft >/dev/null || need+=(nftables)
+  command -v ipset >/dev/null || need+=(ipset)
   command -v ip >/dev/null || need+=(iproute2)
   command -v mount.nfs >/dev/null || true
   if ((${#need[@]})); then
@@ -210,6 +211,7 @@ network() {
      "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
               "dataDir": "$STATE/cni/ipam"}},
     {"type": "portmap", "capabilities": {"portMappings": true}},
+    {"type": "firewall", "backend": "iptables"},
     {"type": "loopback"}
   ]
 }
@@ -431,16 +433,19 @@ wait_node_ready() {
 
 addons() {
   # Images for the pause container and the add-ons, then the add-ons themselves.
-  if [[ -x "$HERE/images/build.sh" ]]; then
-    REGISTRY=localhost:5000 "$HERE/images/build.sh" >&2 || fail_component images "building the sandbox images failed"
-  fi
-  if [[ -f "$HERE/addons/kustomization.yaml" ]]; then
-    log "applying add-ons (k8s/sandbox/addons)"
-    kubectl_ apply --server-side --force-conflicts -k "$HERE/addons" >/dev/null || fail_component addons "kubectl apply -k k8s/sandbox/addons failed"
-    local deadline=$((SECONDS + 300)) d
-    for d in $(kubectl_ get deploy,daemonset -A -l sandbox.jobs/addon -o name 2>/dev/null); do :; done
-    kubectl_ wait --for=condition=Available deploy -A -l sandbox.jobs/addon --timeout=300s >/dev/null \
-      || { kubectl_ get pods -A -o wide >&2; fail_component addons "add-on Deployments not Available"; }
+  REGISTRY=localhost:5000 "$HERE/images/build.sh" >&2 || fail_component images "building the sandbox images failed"
+  log "applying add-ons (k8s/sandbox/addons)"
+  kubectl_ apply --server-side --force-conflicts -k "$HERE/addons" >/dev/null \
+    || fail_component addons "kubectl apply -k k8s/sandbox/addons failed"
+  # The Prometheus is a custom resource: its CRD must be established before it can be applied.
+  kubectl_ wait --for=condition=Established crd/prometheuses.monitoring.coreos.com --timeout=60s >/dev/null \
+    || fail_component addons "the Prometheus Operator's CRDs were not established"
+  kubectl_ apply --server-side --force-conflicts -k "$HERE/addons/prometheus" >/dev/null \
+    || fail_component addons "kubectl apply -k k8s/sandbox/addons/prometheus failed"
+  if ! kubectl_ wait --for=condition=Available deploy -A -l sandbox.jobs/addon --timeout=300s >/dev/null \
+     || ! kubectl_ rollout status daemonset -n kube-system -l sandbox.jobs/addon --timeout=120s >/dev/null; then
+    kubectl_ get pods -A -o wide >&2
+    fail_component addons "add-ons not ready"
   fi
 }
 
@@ -537,6 +542,10 @@ clean_iptables() {
       done
     done
   done
+  # kube-router's ipsets (NetworkPolicy members), once no rule refers to them.
+  if command -v ipset >/dev/null; then
+    ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-' | xargs -r -n1 ipset destroy 2>/dev/null || true
+  fi
   if command -v nft >/dev/null; then
     local t
     nft list tables 2>/dev/null | awk '{print $2, $3}' | while read -r fam name; do
@@ -578,6 +587,7 @@ leftovers() {
     $ipt-save 2>/dev/null | grep -E '^:(KUBE-|CNI-)' | sed "s/^/$ipt /" | report rule
   done
   nft list tables 2>/dev/null | grep -E 'kube-proxy|kube-network-policies' | report nftables
+  ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-' | report ipset
   [[ -e $STATE || -e $RUN ]] && echo "$STATE $RUN" | report state
   return $found
 }

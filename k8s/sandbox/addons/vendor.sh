@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Refresh the upstream manifests vendored under k8s/sandbox/addons/*/upstream/ from the Go module
-# cache, at the versions pinned in k8s/sandbox/tools/*/go.mod and k8s/sandbox/images/gomod/*/go.mod
+# cache, at the versions pinned in k8s/sandbox/tools/*/go.mod
 # (the same modules the add-on binaries are built from). Files are copied verbatim; every sandbox change lives in the
 # kustomization.yaml beside each upstream/ directory.
 #   vendor.sh        (needs Go; downloads the modules through the module proxy if not cached)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 tools=$(cd "$here/../tools" && pwd)
-gomod=$(cd "$here/../images/gomod" && pwd)
 
 moddir() {  # dir-of-go.mod module -> source dir in the module cache, at the version go.mod pins
   local v
@@ -33,10 +32,8 @@ copy "$po/example" "$here/prometheus-operator/upstream" \
 ms=$(moddir "$tools/metrics-server" sigs.k8s.io/metrics-server)
 copy "$ms/manifests" "$here/metrics-server/upstream" $(cd "$ms/manifests" && find base -type f | sort)
 
-knp=$(moddir "$tools/kube-network-policies" sigs.k8s.io/kube-network-policies)
-copy "$knp" "$here/kube-network-policies/upstream" install.yaml
 
-lpp=$(moddir "$gomod/local-path-provisioner" github.com/rancher/local-path-provisioner)
+lpp=$(moddir "$tools/local-path-provisioner" github.com/rancher/local-path-provisioner)
 copy "$lpp/deploy" "$here/local-path-provisioner/upstream" local-path-storage.yaml
 
-echo "vendored: local-path-provisioner $(basename "$lpp"), keda $(basename "$keda"), prometheus-operator $(basename "$po"), metrics-server $(basename "$ms"), kube-network-policies $(basename "$knp")"
+echo "vendored: local-path-provisioner $(basename "$lpp"), keda $(basename "$keda"), prometheus-operator $(basename "$po"), metrics-server $(basename "$ms")"

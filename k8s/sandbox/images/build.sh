@@ -7,11 +7,10 @@
 #
 # No image registry is reachable from the project's machines, so everything is built here:
 # - pause: k8s.io/kubernetes' build/pause/linux/pause.c (from the Go module cache), gcc -static;
-# - the add-ons (CoreDNS, metrics-server, kube-network-policies, KEDA, Prometheus Operator):
-#   static Go binaries from k8s/sandbox/tools/build.sh, FROM scratch;
-# - add-ons the issue's list implies but kind brings along, from Go modules of this directory
-#   (gomod/): kube-router (NetworkPolicy enforcement: this VM's kernel cannot run
-#   kube-network-policies) and local-path-provisioner (+ busybox for its helper pods);
+# - the add-ons (CoreDNS, metrics-server, kube-router, local-path-provisioner, KEDA, Prometheus
+#   Operator): static Go binaries from k8s/sandbox/tools/build.sh, FROM scratch (kube-router
+#   enforces NetworkPolicies: this VM's kernel cannot run kube-network-policies, what kind uses;
+#   local-path-provisioner is kind's default StorageClass; busybox serves its helper pods);
 # - Debian-package images (Prometheus, busybox, and the stand-ins RabbitMQ and Redis) on a local
 #   debootstrap trixie base `sandbox-base/debian:trixie`;
 # - Locust on the project's Python base `jobs-local/python-base:bookworm`
@@ -43,7 +42,6 @@ DEBIAN_BASE_SUITE=trixie
 
 # name | tag | recipe | tag aliases. Recipes:
 #   tool:<tools module>:<binary>:<file in image>   binary from k8s/sandbox/tools/build.sh
-#   gomod:<module>:<binary>:<file in image>         binary from the Go module gomod/<module> here
 #   pause | debian | python                         see above
 # The tags of the Go add-ons must match the module versions in their go.mod (checked below);
 # the Debian ones the package's upstream version (checked in the Dockerfile).
@@ -51,9 +49,8 @@ IMAGES=(
   "pause|3.10|pause|3.10.1"
   "coredns|v1.12.4|tool:coredns:coredns:coredns|"
   "metrics-server|v0.8.0|tool:metrics-server:metrics-server:metrics-server|"
-  "kube-network-policies|v0.8.0|tool:kube-network-policies:cmd:netpol|"
-  "kube-router|v2.1.0|gomod:kube-router:kube-router:kube-router|"
-  "local-path-provisioner|v0.0.30|gomod:local-path-provisioner:local-path-provisioner:local-path-provisioner|"
+  "kube-router|v2.1.0|tool:kube-router:kube-router:kube-router|"
+  "local-path-provisioner|v0.0.30|tool:local-path-provisioner:local-path-provisioner:local-path-provisioner|"
   "busybox|1.37.0|debian|"
   "keda|2.20.2|tool:keda:operator:keda|"
   "keda-metrics-apiserver|2.20.2|tool:keda:adapter:keda-adapter|"
@@ -70,7 +67,6 @@ declare -A TOOL_MODULE=(
   [local-path-provisioner]=github.com/rancher/local-path-provisioner
   [coredns]=github.com/coredns/coredns
   [metrics-server]=sigs.k8s.io/metrics-server
-  [kube-network-policies]=sigs.k8s.io/kube-network-policies
   [keda]=github.com/kedacore/keda/v2
   [prometheus-operator]=github.com/prometheus-operator/prometheus-operator
 )
@@ -219,34 +215,6 @@ need_tool() {  # tools module, version: builds it if needed (waits on a running 
   fi
 }
 
-# A Go tools module of this directory (gomod/NAME: go.mod with a `tool` directive + go.sum, and
-# optionally `ldflags`, extra -ldflags such as the version upstream's Makefile stamps), built like
-# k8s/sandbox/tools/build.sh builds its modules (same cache, same keying, static binaries).
-declare -A GOMOD_DIR=()
-need_gomod() {  # name version: sets GOMOD_DIR[$1]
-  if [[ -z "${GOMOD_DIR[$1]:-}" ]]; then
-    local mod="$here/gomod/$1" key out start
-    grep -qE "^\s*(require\s+)?${TOOL_MODULE[$1]} $2( |\$)" "$mod/go.mod" \
-      || die "k8s/sandbox/images/gomod/$1/go.mod does not pin ${TOOL_MODULE[$1]} $2: update the tag in $0"
-    command -v go >/dev/null || die "Go is needed to build $1"
-    key=$( (cd "$mod" && find . -type f \( -name 'go.*' -o -name '*.go' -o -name ldflags \) | sort | xargs sha256sum; go env GOVERSION) | sha256sum | cut -c1-16)
-    out="$SANDBOX_CACHE/$1-$key"
-    mkdir -p "$SANDBOX_CACHE"
-    exec 7>"$out.lock"; flock 7
-    if [[ ! -f "$out/.complete" ]]; then
-      start=$(date +%s)
-      log "building $1 from k8s/sandbox/images/gomod/$1 (cache $out)"
-      rm -rf "$out.tmp" && mkdir -p "$out.tmp"
-      (cd "$mod" && GOFLAGS="-mod=readonly -buildvcs=false -trimpath" CGO_ENABLED=0 \
-         go build -ldflags="-s -w $(cat ldflags 2>/dev/null || true)" -o "$out.tmp/" tool) >&2 || die "go build of $1 failed"
-      touch "$out.tmp/.complete" && rm -rf "$out" && mv "$out.tmp" "$out"
-      log "built $1 in $(( $(date +%s) - start ))s"
-    fi
-    exec 7>&-
-    GOMOD_DIR[$1]=$out
-  fi
-}
-
 pause_src() {
   local dir
   dir=$(cd "$repo/k8s/sandbox/tools/kubernetes" && go mod download -json "k8s.io/kubernetes@$PAUSE_K8S_VERSION" \
@@ -356,11 +324,10 @@ $name $tag $aliases $recipe"
       src=$(pause_src)
       key_parts+=$'\n'"$(sha256sum <"$src") $(gcc --version | head -n1)"
       ;;
-    tool:*|gomod:*)
-      IFS=: read -r rkind tmod tbin tfile <<<"$recipe"
+    tool:*)
+      IFS=: read -r _ tmod tbin tfile <<<"$recipe"
       tversion=$tag; [[ "$tmod" == keda ]] && tversion="v$tag"
-      if [[ "$rkind" == tool ]]; then need_tool "$tmod" "$tversion"; tdir=${TOOL_DIR[$tmod]}
-      else need_gomod "$tmod" "$tversion"; tdir=${GOMOD_DIR[$tmod]}; fi
+      need_tool "$tmod" "$tversion"; tdir=${TOOL_DIR[$tmod]}
       [[ -x "$tdir/$tbin" ]] || die "$tdir/$tbin missing"
       # The tools cache dir is keyed by the module's go.mod/go.sum and Go version.
       key_parts+=$'\n'"$tdir/$tbin $(stat -c '%s %Y' "$tdir/$tbin") $(sha256sum </etc/ssl/certs/ca-certificates.crt)"
@@ -407,10 +374,6 @@ $name $tag $aliases $recipe"
       strip "$ctx/pause"
       ;;
     tool:*)
-      stage_scratch_rootfs "$ctx"
-      cp "$tdir/$tbin" "$ctx/$tfile"
-      ;;
-    gomod:*)
       stage_scratch_rootfs "$ctx"
       cp "$tdir/$tbin" "$ctx/$tfile"
       ;;
