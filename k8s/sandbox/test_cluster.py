@@ -264,7 +264,7 @@ def step_live_update(log: pathlib.Path) -> str:
         deadline = time.monotonic() + 60
         while subprocess.run(["tilt", "get", "session"], capture_output=True).returncode != 0:
             if tilt.poll() is not None or time.monotonic() > deadline:
-                raise Shortfall("tilt up did not start its API server (log: %s)" % log)
+                raise Shortfall(f"tilt up did not start its API server (log: {log})")
             time.sleep(1)
         run(["tilt", "wait", "--for=condition=Ready", "uiresource/main-app", "--timeout=600s"], timeout=660, log=log)
         pod_before, image_before = main_app_pod()
