@@ -130,13 +130,18 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
 
         job_id = str(uuid.uuid4())
         created_at = utcnow()
+        # Encoded before anything is written: a job whose message cannot be built leaves no record.
+        message = JobMessage(id=job_id, type=job_type, payload=payload, client=client, created_at=created_at)
+        try:
+            body, properties = message.encode()
+        except orjson.JSONEncodeError as exc:
+            raise Problem(422, "Unprocessable Content", f"the job cannot be encoded: {exc}", reason="invalid",
+                          errors=[{"pointer": "/payload", "detail": str(exc)}]) from None
         existing = timed_store("create", store.create, job_id, client, job_type, created_at, idempotency,
                                pending_ttl_seconds=pending_ttl)
         if existing is not None:
             return replay(existing, idempotency[1])
 
-        message = JobMessage(id=job_id, type=job_type, payload=payload, client=client, created_at=created_at)
-        body, properties = message.encode()
         started = time.perf_counter()
         try:
             publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,

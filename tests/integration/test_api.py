@@ -311,3 +311,23 @@ def test_a_gunicorn_worker_accepts_requests_only_once_connected(rabbit, redis_no
     for _ in range(40):  # fresh connections, spread over the workers as they come up
         codes.append(requests.post(f"{api.url}/jobs", json={"type": "echo"}, headers=AUTH, timeout=10).status_code)
     assert codes == [202] * 40, codes
+
+
+def nested_body(depth: int) -> bytes:
+    """A request whose payload holds `depth` nested arrays (the document is depth + 2 deep)."""
+    return b'{"type": "echo", "payload": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+
+
+@pytest.mark.parametrize("depth, status", [(1, 202), (252, 202), (253, 422), (254, 422), (600, 422), (1022, 422),
+                                           (1023, 400)])
+def test_nesting_orjson_cannot_write_is_422_and_leaves_nothing(client, amqp, redis_client, depth, status):
+    """orjson reads 1,024 levels but writes only 254: a document it could read but not write
+    as a message is refused at validation, before anything is recorded or published."""
+    response = client.post("/jobs", data=nested_body(depth), headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == status, response.get_data()[:300]
+    accepted = 1 if status == 202 else 0
+    assert queue_depth(amqp, topology.QUEUE) == accepted
+    assert len(redis_client.keys("job:*")) == accepted, "a refused job left a record behind"
+    if status == 422:
+        assert response.get_json()["errors"][0]["pointer"] == "/payload"
+
