@@ -58,10 +58,12 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
 
     @app.after_request
     def observe(response: Response) -> Response:
+        # Every label is bounded: anyone can send any method to any path.
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.child(metrics.HTTP_REQUESTS, route, request.method, str(response.status_code)).inc()
+        method = metrics.method_label(request.method)
+        metrics.child(metrics.HTTP_REQUESTS, route, method, metrics.status_label(response.status_code)).inc()
         if "started" in g:
-            metrics.child(metrics.HTTP_LATENCY, route, request.method).observe(time.perf_counter() - g.started)
+            metrics.child(metrics.HTTP_LATENCY, route, method).observe(time.perf_counter() - g.started)
         return response
 
     @app.errorhandler(Problem)
@@ -77,7 +79,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
             413: f"request body larger than {settings.max_body_bytes} bytes",
             404: "no such resource",
         }.get(status, exc.description or exc.name)
-        return problem(Problem(status, exc.name, detail, reason=f"http_{status}"))
+        # Keep the exception's own headers (Allow on a 405), not its HTML content type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return problem(Problem(status, exc.name, detail, reason=f"http_{status}", headers=headers))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:

@@ -331,3 +331,40 @@ def test_nesting_orjson_cannot_write_is_422_and_leaves_nothing(client, amqp, red
     if status == 422:
         assert response.get_json()["errors"][0]["pointer"] == "/payload"
 
+
+def _series(metrics_text: str, name: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in metrics_text.splitlines() if line.startswith(name + "{")}
+
+
+def test_outsiders_cannot_grow_the_metrics(rabbit, redis_node, redis_client, amqp, start_api):
+    """gunicorn accepts any 3-20 letter uppercase method: unauthenticated requests with made-up
+    methods on made-up paths must not create a series each (the labels are bounded)."""
+    import random
+    import string
+
+    import requests
+
+    api = start_api(rabbit.url, redis_node.url)
+    assert api.submit("echo", {}).status_code == 202
+    requests.get(f"{api.url}/nope", timeout=5)
+    requests.delete(f"{api.url}/jobs", timeout=5)
+    baseline = requests.get(api.metrics_url, timeout=5).text
+    rng = random.Random(13)
+    methods = {"".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 20))) for _ in range(60)}
+    for method in methods:
+        for path in ("/jobs", "/nope", f"/{method.lower()}"):
+            response = requests.request(method, f"{api.url}{path}", timeout=5)
+            assert response.status_code in (404, 405, 501), (method, path, response.status_code)
+    after = requests.get(api.metrics_url, timeout=5).text
+    for name in ("jobs_api_http_requests_total", "jobs_api_http_request_duration_seconds_count"):
+        grown = _series(after, name) - _series(baseline, name)
+        assert len(grown) <= 3, sorted(grown)  # at most one "other method" series per route/status seen
+    assert len(after) < len(baseline) + 3000
+
+
+def test_405_names_the_allowed_methods(client, openapi):
+    response = client.delete("/jobs", headers=AUTH)
+    assert response.status_code == 405
+    assert response.mimetype == "application/problem+json"
+    assert "POST" in {m.strip() for m in response.headers["Allow"].split(",")}
+    assert "GET" in {m.strip() for m in client.post("/healthz").headers["Allow"].split(",")}
