@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
     settings = settings or Settings.from_env()
     store = store or JobStore.from_url(settings.redis_url, job_ttl_seconds=settings.job_ttl_seconds,
                                        idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
-    publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology).start()
+    publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology,
+                                       stall_seconds=settings.publish_timeout_seconds).start()
     authenticator = TokenAuthenticator(settings.api_tokens, disabled=settings.auth_disabled)
     validator = RequestValidator(settings.limits)
     openapi = orjson.dumps(openapi_document(settings))
