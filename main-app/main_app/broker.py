@@ -31,7 +31,14 @@ log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Exception):
-    """The message was not confirmed by RabbitMQ: treat it as not published."""
+    """The message was not confirmed by RabbitMQ: treat it as not published.
+
+    maybe_published: it was written to the broker before the failure (lost connection, no
+    confirm in time), so it may be queued after all; otherwise it certainly is not."""
+
+    def __init__(self, reason: str, maybe_published: bool = False):
+        super().__init__(reason)
+        self.maybe_published = maybe_published
 
 
 # The loop drains the outbox this often even if no wake-up reached it.
@@ -125,7 +132,8 @@ class Publisher:
             try:
                 future.result(min(1.0, timeout))
             except FutureTimeout:
-                raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
+                raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
+                    from None
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -303,9 +311,9 @@ class Publisher:
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
         self._returned.clear()
-        for future, _ in pending.values():
+        for future, _ in pending.values():  # written, never confirmed
             if not future.done():
-                future.set_exception(BrokerUnavailable(reason))
+                future.set_exception(BrokerUnavailable(reason, maybe_published=True))
         while self._outbox:  # handed over but not published: fail them now rather than at their timeout
             try:
                 future = self._outbox.popleft().future

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import orjson
@@ -184,7 +184,7 @@ class Worker:
 
     def _on_message(self, generation: int, channel, method, properties, body: bytes) -> None:
         try:
-            job = JobMessage.decode(body, properties)
+            job = replace(JobMessage.decode(body, properties), redelivered=bool(method.redelivered))
             if job.type not in HANDLERS:
                 raise PoisonMessage("unknown_type", f"no handler for job type {job.type!r}")
             self.validator.validate_payload(job.type, job.payload)
@@ -330,8 +330,8 @@ class Worker:
             self._observe_final(job, "failed")
             return Settle("dead", reason="redelivery_limit")
 
-        previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at)
-        if previous in FINAL_STATUSES:
+        previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at, job.redelivered)
+        if previous in FINAL_STATUSES or previous == "duplicate":
             metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
             return Settle("ack")
 

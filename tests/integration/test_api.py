@@ -1,6 +1,8 @@
 """main-app's HTTP contract against real Redis and RabbitMQ."""
 
 import json
+import threading
+import time
 
 import orjson
 import pytest
@@ -368,3 +370,152 @@ def test_405_names_the_allowed_methods(client, openapi):
     assert response.mimetype == "application/problem+json"
     assert "POST" in {m.strip() for m in response.headers["Allow"].split(",")}
     assert "GET" in {m.strip() for m in client.post("/healthz").headers["Allow"].split(",")}
+
+
+# --- idempotency across store and broker failures ------------------------------------------------
+
+
+def _client_id(token: str = TOKEN) -> str:
+    from main_app.auth import TokenAuthenticator
+
+    return TokenAuthenticator((token,)).client_for(f"Bearer {token}")
+
+
+def test_confirming_a_key_never_overwrites_another_requests_key(redis_node, redis_client):
+    """The confirm is a compare-and-set on the job id, not a plain SET."""
+    store = JobStore.from_url(redis_node.url)
+    assert store.create("job-1", "c", "echo", "t", ("k", "h")) is None
+    store.discard("job-1", "c", "k")  # its publish failed: the key is free again...
+    assert store.create("job-2", "c", "echo", "t", ("k", "h")) is None  # ...and another request takes it
+    store.confirm_idempotency("c", "k", "job-1", "h")  # a late confirm of the first request
+    assert store.create("job-3", "c", "echo", "t", ("k", "h")).job_id == "job-2"
+
+
+def test_discard_removes_a_record_only_while_queued(redis_node, redis_client):
+    """An ambiguous publish failure can race a worker that already took the message: its record stays."""
+    store = JobStore.from_url(redis_node.url)
+    assert store.create("job-1", "c", "echo", "t") is None
+    assert store.begin("job-1", "c", "echo", "t") == "queued"
+    store.discard("job-1", "c")
+    assert store.get("job-1")["status"] == "running"
+    assert store.create("job-2", "c", "echo", "t") is None
+    store.discard("job-2", "c")
+    assert store.get("job-2") is None
+
+
+def _pause_store_writes_after_publishing(app, redis_client, milliseconds: int) -> None:
+    """A Redis blip right after the broker's confirm: every write waits (CLIENT PAUSE WRITE)
+    longer than the store's 2 s socket timeout, so the request's next write fails."""
+    publisher = app.extensions["publisher"]
+    publish = publisher.publish
+
+    def publish_then_blip(*args, **kwargs):
+        publish(*args, **kwargs)
+        publisher.publish = publish  # once
+        redis_client.execute_command("CLIENT", "PAUSE", str(milliseconds), "WRITE")
+
+    publisher.publish = publish_then_blip
+
+
+def _submit(client, key: str, body: dict):
+    return client.post("/jobs", json=body, headers={**AUTH, "Idempotency-Key": key})
+
+
+def _retry_until_not_409(client, key: str, body: dict, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        response = _submit(client, key, body)
+        if response.status_code != 409 or time.monotonic() > deadline:
+            return response
+        assert response.headers["Retry-After"] == "1"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def quick_app(rabbit, redis_node, redis_client, amqp):
+    """PUBLISH_TIMEOUT_SECONDS 0.5: a request is over within about 6 s of taking its key."""
+    application = create_app(make_settings(rabbit.url, redis_node.url, publish_timeout_seconds=0.5))
+    assert application.extensions["publisher"].wait_ready(15)
+    yield application
+    application.extensions["publisher"].stop()
+
+
+def test_idempotency_holds_when_the_confirm_write_fails_and_a_worker_has_the_job(
+        quick_app, rabbit, redis_node, redis_client, amqp, start_worker):
+    """Redis blips after the broker confirmed: the key stays pending. Once a worker has started
+    the job, a retry with the same key and body is answered with that job at once."""
+    start_worker(rabbit.url, redis_node.url)
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 1}}
+    _pause_store_writes_after_publishing(quick_app, redis_client, 2500)
+    first = _submit(client, "blip-1", body)
+    assert first.status_code == 202  # accepted: the confirm came before the blip
+    again = _retry_until_not_409(client, "blip-1", body, timeout=5)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.slow
+def test_idempotency_holds_when_the_confirm_write_fails_and_no_worker_runs(
+        quick_app, rabbit, redis_node, redis_client, amqp, start_worker):
+    """As above with no worker: within the window a retry is 409 (the first request may still be
+    in flight); after it, the retry completes the first request's job (same id; its message is
+    published again), never a second job. A worker then runs that job once."""
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 2}}
+    _pause_store_writes_after_publishing(quick_app, redis_client, 2500)
+    first = _submit(client, "blip-2", body)
+    assert first.status_code == 202
+    job_id = first.get_json()["id"]
+    assert _submit(client, "blip-2", body).status_code == 409
+    again = _retry_until_not_409(client, "blip-2", body, timeout=15)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == job_id
+    assert _submit(client, "blip-2", body).get_json()["id"] == job_id  # and from now on, confirmed
+    # Two messages, one job (no other was ever recorded). Not read here: that would make them redeliveries.
+    assert queue_depth(amqp, topology.QUEUE) == 2
+    assert [key.decode() for key in redis_client.keys("job:*")] == [f"job:{job_id}"]
+    worker = start_worker(rabbit.url, redis_node.url)
+    record = JobStore.from_url(redis_node.url)
+    deadline = time.monotonic() + 20
+    while (job := record.get(job_id))["status"] != "succeeded" or queue_depth(amqp, topology.QUEUE):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["attempts"] == 1
+    assert worker.proc.process.poll() is None
+
+
+class _HoldingPops(dict):
+    """Stands in for the publisher's pending-confirm table: while `hold` is clear, the loop thread
+    matching a confirm waits, so the request sees its message written but never confirmed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.hold = threading.Event()
+
+    def pop(self, *args):
+        assert self.hold.wait(30)
+        return super().pop(*args)
+
+
+def test_a_retry_after_an_ambiguous_503_gets_the_same_job(quick_app, redis_client, amqp):
+    """The confirm does not come within the timeout although the message was written: 503, and the
+    job may run. The key is kept, so a retry with it gets that job, not a second one."""
+    publisher = quick_app.extensions["publisher"]
+    pending = publisher._pending = _HoldingPops(publisher._pending)
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 3}}
+    try:
+        assert _submit(client, "amb-1", body).status_code == 503
+    finally:
+        pending.hold.set()
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.QUEUE) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued = amqp.basic_get(topology.QUEUE, auto_ack=False)[1].message_id
+    amqp.basic_nack(0, multiple=True, requeue=True)
+    again = _retry_until_not_409(client, "amb-1", body, timeout=15)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == queued

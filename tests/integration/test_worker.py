@@ -313,3 +313,20 @@ def test_an_outcome_for_a_vanished_record_rebuilds_it(store, redis_client):
     redis_client.delete(store.job_key(job.id))
     assert store.fail(job.id, "x") == "missing"  # without its identity nothing half-made is written
     assert store.get(job.id) is None
+
+
+def test_a_second_copy_of_a_running_jobs_message_does_not_run(rabbit, redis_node, store, amqp, start_worker):
+    """Two messages of one job (main-app published it again for an idempotent retry): the copy
+    delivered while the job runs is acked without running; a redelivery would still run."""
+    worker = start_worker(rabbit.url, redis_node.url)
+    job = new_job(store, "sleep", {"seconds": 3})
+    publish(amqp, job)
+    wait_status(store, job.id, {"running"})
+    publish(amqp, job)  # the second copy, delivered while the first runs
+    record = wait_status(store, job.id, {"succeeded"})
+    assert record["attempts"] == 1
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.QUEUE) or metric(worker.url, "jobs_worker_jobs_processed_total") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert 'outcome="skipped",type="sleep"} 1.0' in requests.get(f"{worker.url}/metrics", timeout=5).text
