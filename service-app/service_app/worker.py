@@ -265,6 +265,11 @@ class Worker:
             self._channel.basic_reject(delivery_tag, requeue=False)
         return False
 
+    def _on_live_connection(self, generation: int) -> bool:
+        """Whether a message delivered on that connection can still be settled on it."""
+        with self._lock:
+            return generation == self._generation and self.connected.is_set()
+
     def _unsettled_count(self) -> int:
         with self._lock:
             return self._unsettled.get(self._generation, 0)
@@ -295,7 +300,9 @@ class Worker:
                  poison: tuple[str, str] | None = None) -> None:
         settle = None
         try:
-            if poison is not None:
+            if not self._on_live_connection(generation):
+                pass  # its connection is gone: the broker requeued it, maybe to a worker running it already
+            elif poison is not None:
                 settle = self._fail_poison(job, *poison)
             elif not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
                 settle = self._run(job)

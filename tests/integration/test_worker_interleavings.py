@@ -1,0 +1,182 @@
+"""service-app's Worker in this process, against real RabbitMQ and Redis, with interleavings
+driven by events: job handlers wait on gates the test opens, the broker closes connections
+on command, and the worker's reconnect is held until the test lets it go. No sleeping and
+hoping: waits are for observable states (with deadlines)."""
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+from contextlib import contextmanager
+
+import pika
+import pytest
+
+from jobs_contract import JobMessage, JobStore, topology
+from service_app import jobs
+from service_app.config import Settings
+from service_app.worker import Worker
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+class Gates:
+    """The `echo` handler, controlled by the test. Payload {"gate": name} runs wait until
+    open(name) (first attempt only); "fail": n fails the first n attempts; "wait": false runs
+    straight through. Every run is recorded as (name, attempt)."""
+
+    def __init__(self):
+        self.runs: list[tuple[str, int]] = []
+        self.started: dict[str, threading.Event] = defaultdict(threading.Event)
+        self._open: dict[str, threading.Event] = defaultdict(threading.Event)
+
+    def open(self, name: str) -> None:
+        self._open[name].set()
+
+    def open_all(self) -> None:
+        for name in list(self.started) + list(self._open):
+            self._open[name].set()
+
+    def handler(self, payload: dict, ctx) -> dict:
+        name = payload["gate"]
+        self.runs.append((name, ctx.attempt))
+        self.started[name].set()
+        if payload.get("wait", True) and ctx.attempt == 1:
+            assert self._open[name].wait(60), f"gate {name} never opened"
+        if ctx.attempt <= payload.get("fail", 0):
+            raise RuntimeError(f"planned failure of {name}")
+        return {"gate": name}
+
+
+@pytest.fixture
+def gates(monkeypatch):
+    g = Gates()
+    monkeypatch.setitem(jobs.HANDLERS, "echo", g.handler)
+    yield g
+    g.open_all()
+
+
+@contextmanager
+def broker_channel(url: str):
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield connection.channel()
+    finally:
+        if connection.is_open:
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+
+def submit(url: str, store: JobStore, name: str, **payload) -> JobMessage:
+    job = JobMessage(id=str(uuid.uuid4()), type="echo", payload={"gate": name, **payload}, client="c-test",
+                     created_at="2026-01-01T00:00:00.000Z")
+    store.create(job.id, job.client, job.type, job.created_at)
+    body, properties = job.encode()
+    with broker_channel(url) as channel:
+        channel.confirm_delivery()
+        channel.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties, mandatory=True)
+    return job
+
+
+class Running:
+    """A Worker on its own thread; its reconnects can be held (hold_reconnect) and counted."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.consumes = 0
+        self.may_reconnect = threading.Event()
+        self.may_reconnect.set()
+        consume = worker._consume
+
+        def counted_consume():
+            self.consumes += 1
+            if self.consumes > 1:
+                assert self.may_reconnect.wait(60)
+            return consume()
+
+        worker._consume = counted_consume
+        self.thread = threading.Thread(target=worker.run, name="worker-main", daemon=True)
+
+    def hold_reconnect(self) -> None:
+        self.may_reconnect.clear()
+
+    def wait_connected(self, consumes: int, timeout: float = 30) -> None:
+        wait_until(lambda: self.consumes >= consumes and self.worker.connected.is_set(), timeout,
+                   f"the worker did not connect (consume calls: {self.consumes})")
+
+    def pool_idle(self, timeout: float = 30) -> None:
+        """Everything handed to the job pool before now has been processed (one job thread)."""
+        self.worker.executor.submit(lambda: None).result(timeout)
+
+
+@pytest.fixture
+def run_worker(monkeypatch, redis_node, redis_client):
+    started: list[Running] = []
+
+    def start(rabbit_url: str, **env: str) -> Running:
+        settings = {"RABBITMQ_URL": rabbit_url, "REDIS_URL": redis_node.url, "RETRY_BACKOFF_BASE_SECONDS": "0.1",
+                    "RETRY_BACKOFF_MAX_SECONDS": "0.2", **env}
+        for name, value in settings.items():
+            monkeypatch.setenv(name, value)
+        running = Running(Worker(Settings.from_env(), JobStore.from_url(redis_node.url)))
+        running.thread.start()
+        running.wait_connected(1)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.may_reconnect.set()
+        running.worker.stop()
+        running.thread.join(30)
+
+
+@pytest.fixture
+def store(redis_node, redis_client) -> JobStore:
+    return JobStore.from_url(redis_node.url)
+
+
+@pytest.fixture
+def empty_queues(rabbit):
+    with broker_channel(rabbit.url) as channel:
+        topology.declare(channel)
+        for queue in topology.QUEUES:
+            channel.queue_purge(queue.name)
+
+
+def close_connections(rabbit) -> None:
+    rabbit.ctl("close_all_connections", "test: connection lost")
+
+
+def test_jobs_prefetched_on_a_dead_connection_are_not_run(rabbit, store, gates, run_worker, empty_queues):
+    """Messages handed to the job pool on a connection that then died are requeued by the broker
+    (and may be running elsewhere already): the pool must skip them, not run them again."""
+    running = run_worker(rabbit.url, WORKER_CONCURRENCY="1", WORKER_PREFETCH="3")
+    first = submit(rabbit.url, store, "first")
+    prefetched = [submit(rabbit.url, store, name, wait=False) for name in ("second", "third")]
+    assert gates.started["first"].wait(20)
+    wait_until(lambda: rabbit.queue_counts(topology.QUEUE) == (0, 3), 20, "not all three were delivered")
+
+    running.hold_reconnect()
+    close_connections(rabbit)  # the broker requeues all three
+    with broker_channel(rabbit.url) as channel:  # another consumer takes them meanwhile
+        taken: list[str] = []
+        channel.basic_qos(prefetch_count=10)
+        channel.basic_consume(topology.QUEUE, lambda _ch, _m, properties, _b: taken.append(properties.message_id))
+        wait_until(lambda: channel.connection.process_data_events(0.1) or len(taken) == 3, 20,
+                   "the requeued messages did not reach the other consumer")
+        running.may_reconnect.set()
+        running.wait_connected(2)
+        gates.open("first")  # the pool now gets to the two prefetched on the dead connection
+        running.pool_idle()
+        assert gates.runs == [("first", 1)], "a message of the dead connection was run"
+        assert [store.get(job.id)["status"] for job in prefetched] == ["queued", "queued"]
+        assert store.get(first.id)["status"] == "succeeded"  # the running one finished (outcome recorded)
+
