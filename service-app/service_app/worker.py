@@ -171,6 +171,9 @@ class Worker:
                 if connection is not None and connection.is_open:
                     connection.process_data_events(time_limit=0.1)
                 else:
+                    # The connection is gone: what finished has nothing left to settle (the broker
+                    # requeued it); only jobs still running are waited for.
+                    self._settle_all()
                     time.sleep(0.1)
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.warning("broker connection lost while draining: %s", exc)

@@ -180,3 +180,29 @@ def test_jobs_prefetched_on_a_dead_connection_are_not_run(rabbit, store, gates, 
         assert [store.get(job.id)["status"] for job in prefetched] == ["queued", "queued"]
         assert store.get(first.id)["status"] == "succeeded"  # the running one finished (outcome recorded)
 
+
+def test_shutdown_after_a_lost_connection_does_not_wait_out_the_grace_period(rabbit, store, gates, run_worker,
+                                                                             empty_queues):
+    """SIGTERM arrives and the connection is lost before the consume loop sees it: once the
+    running job is done, the worker exits at once rather than after SHUTDOWN_GRACE_SECONDS."""
+    running = run_worker(rabbit.url, WORKER_CONCURRENCY="1", SHUTDOWN_GRACE_SECONDS="15")
+    job = submit(rabbit.url, store, "running")
+    assert gates.started["running"].wait(20)
+    armed = threading.Event()
+    armed.set()
+
+    def stop_and_lose_the_connection() -> None:  # on the worker's main thread, between two loop turns
+        if armed.is_set():
+            armed.clear()
+            running.worker.stop()
+            close_connections(rabbit)
+
+    running.worker.beat = stop_and_lose_the_connection
+    wait_until(lambda: not armed.is_set() and not running.worker.connected.is_set(), 20,
+               "the worker did not lose its connection")
+    gates.open("running")
+    done = time.monotonic()
+    running.thread.join(15)
+    assert not running.thread.is_alive()
+    assert time.monotonic() - done < 3, "shutdown waited for jobs that were already finished"
+    assert store.get(job.id)["status"] == "succeeded"
