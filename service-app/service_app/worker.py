@@ -334,6 +334,10 @@ class Worker:
     def _run(self, job: JobMessage) -> Settle:
         settings = self.settings
         if job.delivery_count >= settings.max_redeliveries:
+            recorded = self._record(self.store.get, job.id)
+            if recorded is not None and recorded["status"] in FINAL_STATUSES:  # its worker died after recording it
+                metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
+                return Settle("ack")
             error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
                      f"each time); giving up")
             self._record(self.store.fail, job.id, error, identity=_identity(job))

@@ -330,3 +330,29 @@ def test_a_second_copy_of_a_running_jobs_message_does_not_run(rabbit, redis_node
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert 'outcome="skipped",type="sleep"} 1.0' in requests.get(f"{worker.url}/metrics", timeout=5).text
+
+
+def test_past_the_redelivery_limit_a_job_that_already_succeeded_is_not_counted_failed(
+        rabbit, redis_node, store, amqp, start_worker):
+    """A message redelivered MAX_REDELIVERIES times whose job has an outcome already (its worker died
+    after recording it, before the ack) is acked as skipped: not failed, not dead-lettered."""
+    worker = start_worker(rabbit.url, redis_node.url, MAX_REDELIVERIES="3")
+    job = new_job(store, "echo", {})
+    store.succeed(job.id, {"done": True})
+    body, properties = job.encode()
+    properties.headers["x-delivery-count"] = 3
+    amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties)
+    deadline = time.monotonic() + 10
+    while metric(worker.url, "jobs_worker_jobs_processed_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = requests.get(f"{worker.url}/metrics", timeout=5).text
+    assert 'jobs_worker_jobs_processed_total{outcome="skipped",type="echo"} 1.0' in text
+    assert 'jobs_worker_jobs_processed_total{outcome="failed",type="echo"} 0.0' in text
+    assert metric(worker.url, "jobs_worker_dead_lettered_total") == 0
+    assert store.get(job.id)["status"] == "succeeded"
+    while queue_depth(amqp, topology.QUEUE):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 0
+
