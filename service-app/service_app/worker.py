@@ -253,8 +253,8 @@ class Worker:
         if settle.action == "ack":
             return True
         self._outstanding.discard(delivery_tag)
-        if settle.action == "requeue":
-            self._channel.basic_nack(delivery_tag, requeue=True)
+        if settle.action == "requeue":  # reject, not nack: a requeueing nack does not raise x-delivery-count (4.3)
+            self._channel.basic_reject(delivery_tag, requeue=True)
         elif settle.action == "retry":
             retry = job.next_attempt()
             body, properties = retry.encode()

@@ -356,3 +356,25 @@ def test_past_the_redelivery_limit_a_job_that_already_succeeded_is_not_counted_f
         time.sleep(0.05)
     assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 0
 
+
+def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
+    """Requeueing uses basic.reject: from RabbitMQ 4.3 a requeueing basic.nack no longer raises a
+    quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
+    (The 3.10 broker of these tests counts both, so this is pinned at the call.)"""
+    from service_app.config import Settings
+    from service_app.worker import Settle, Worker
+
+    class Channel:
+        is_open = True
+
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    worker = Worker(Settings.from_env(), store)
+    channel = worker._channel = Channel()
+    worker._generation, worker._unsettled, worker._outstanding = 1, {1: 1}, {7}
+    assert worker._settle(1, 7, new_job(store, "echo", {}), Settle("requeue")) is False
+    assert channel.calls == [("basic_reject", (7,), {"requeue": True})]
