@@ -206,3 +206,88 @@ def test_shutdown_after_a_lost_connection_does_not_wait_out_the_grace_period(rab
     assert not running.thread.is_alive()
     assert time.monotonic() - done < 3, "shutdown waited for jobs that were already finished"
     assert store.get(job.id)["status"] == "succeeded"
+
+
+@pytest.fixture
+def retry_publishes(monkeypatch):
+    """Set each time anything publishes to the delay exchange (a retry copy), before the broker answers."""
+    from pika.adapters.blocking_connection import BlockingChannel
+
+    attempted = threading.Event()
+    publish = BlockingChannel.basic_publish
+
+    def spy(self, exchange, *args, **kwargs):
+        if exchange == topology.DELAY_EXCHANGE:
+            attempted.set()
+        return publish(self, exchange, *args, **kwargs)
+
+    monkeypatch.setattr(BlockingChannel, "basic_publish", spy)
+    return attempted
+
+
+def _alarms(node) -> str:
+    return node.ctl("eval", "rabbit_alarm:get_alarms().")
+
+
+@pytest.mark.slow
+def test_a_retry_during_a_resource_alarm_stalls_neither_acks_nor_the_consume_loop(
+        private_rabbit, store, gates, run_worker, retry_publishes):
+    """A memory alarm blocks every connection that publishes. A retry copy published then must not
+    hold up the consume connection: other jobs' acks still reach the broker and the consume loop
+    (the liveness probe's heartbeat) keeps turning; once the alarm is over the retry goes out."""
+    running = run_worker(private_rabbit.url, WORKER_CONCURRENCY="2", MAX_ATTEMPTS="3")
+    beats: list[float] = []
+    running.worker.beat = lambda: beats.append(time.monotonic())
+    failing = submit(private_rabbit.url, store, "failing", fail=1)
+    other = submit(private_rabbit.url, store, "other")
+    assert gates.started["failing"].wait(20) and gates.started["other"].wait(20)
+
+    private_rabbit.ctl("set_vm_memory_high_watermark", "0.0001")
+    try:
+        wait_until(lambda: "memory" in _alarms(private_rabbit), 30, "no memory alarm")
+        gates.open("failing")  # its retry copy is published during the alarm
+        assert retry_publishes.wait(20)
+        publishing_since = time.monotonic()
+        gates.open("other")
+        wait_until(lambda: store.get(other.id)["status"] == "succeeded"
+                   and private_rabbit.queue_counts(topology.QUEUE) == (0, 1), 30,
+                   "a finished job's ack did not reach the broker during the alarm")
+        during = [t for t in beats if t >= publishing_since] + [time.monotonic()]
+        assert max(b - a for a, b in zip(during, during[1:], strict=False)) < 2.0, "the consume loop stalled"
+        assert store.get(failing.id)["status"] == "retrying"
+        assert running.consumes == 1, "the consume connection was lost"
+    finally:
+        private_rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+    wait_until(lambda: "memory" not in _alarms(private_rabbit), 30, "the alarm did not clear")
+    wait_until(lambda: store.get(failing.id)["status"] == "succeeded", 60, "the retry never ran")
+    assert store.get(failing.id)["attempts"] == 2
+    assert running.consumes == 1
+
+
+def test_a_retry_the_broker_will_not_route_costs_neither_the_connection_nor_other_acks(
+        rabbit, store, gates, run_worker, retry_publishes, empty_queues):
+    """The retry copy is returned unroutable (the delay queues lost their bindings). Only that
+    message waits (unacked, retried); the connection stays and the other job's ack is sent."""
+    running = run_worker(rabbit.url, WORKER_CONCURRENCY="2", MAX_ATTEMPTS="3")
+    bindings = [b for b in topology.BINDINGS if b.exchange == topology.DELAY_EXCHANGE]
+    failing = submit(rabbit.url, store, "failing", fail=1)
+    other = submit(rabbit.url, store, "other")
+    assert gates.started["failing"].wait(20) and gates.started["other"].wait(20)
+    with broker_channel(rabbit.url) as channel:
+        for binding in bindings:
+            channel.queue_unbind(binding.queue, binding.exchange, binding.routing_key)
+        try:
+            gates.open("failing")
+            assert retry_publishes.wait(20)
+            gates.open("other")
+            wait_until(lambda: store.get(other.id)["status"] == "succeeded"
+                       and rabbit.queue_counts(topology.QUEUE) == (0, 1), 30, "the other job's ack was not sent")
+            assert running.consumes == 1, "one unroutable retry copy cost the whole consume connection"
+            assert store.get(failing.id)["status"] == "retrying"
+        finally:
+            for binding in bindings:
+                channel.queue_bind(binding.queue, binding.exchange, binding.routing_key)
+    wait_until(lambda: store.get(failing.id)["status"] == "succeeded", 30, "the retry never ran")
+    assert store.get(failing.id)["attempts"] == 2
+    assert gates.runs.count(("other", 1)) == 1
+    assert running.consumes == 1
