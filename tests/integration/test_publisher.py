@@ -13,13 +13,12 @@ import pika
 import pika.frame
 import pytest
 from pika.spec import Basic
+from test_api import AUTH, make_settings
 
 from jobs_contract import topology
-from main_app.api import create_app
 from main_app import broker
+from main_app.api import create_app
 from main_app.broker import BrokerUnavailable, Publisher
-
-from test_api import AUTH, make_settings
 
 
 def publish(publisher: Publisher, timeout: float = 3.0) -> None:
