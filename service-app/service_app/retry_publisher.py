@@ -9,12 +9,15 @@ pika's BlockingConnection is not thread-safe: one lock serialises every use of i
 """
 
 import threading
+import time
 
 import pika
 import pika.exceptions
 
 # Give a connection up when the broker has blocked it this long (then it is reopened).
 BLOCKED_CONNECTION_TIMEOUT_SECONDS = 30
+# How often the idle connection's events are processed: often enough for any heartbeat.
+KEEP_ALIVE_SECONDS = 1.0
 
 
 class RetryNotPublished(Exception):
@@ -29,6 +32,7 @@ class RetryPublisher:
         self._lock = threading.Lock()
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
+        self._kept_alive_at = 0.0
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties) -> None:
         """Publish (mandatory) and wait for the broker's confirm; raise RetryNotPublished if it does
@@ -44,8 +48,10 @@ class RetryPublisher:
 
     def keep_alive(self) -> None:
         """Heartbeats and blocked/unblocked notices while idle; never waits for a job thread."""
-        if not self._lock.acquire(blocking=False):
+        now = time.monotonic()
+        if now - self._kept_alive_at < KEEP_ALIVE_SECONDS or not self._lock.acquire(blocking=False):
             return
+        self._kept_alive_at = now
         try:
             if self._connection is not None and self._connection.is_open:
                 self._connection.process_data_events(time_limit=0)
