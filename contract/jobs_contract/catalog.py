@@ -67,6 +67,23 @@ def payload_schemas(limits: Limits) -> dict[str, dict[str, Any]]:
 
 JOB_TYPES: tuple[str, ...] = tuple(payload_schemas(Limits()))
 
+# orjson reads JSON nested up to 1,024 levels but writes at most 254 (its recursion limit),
+# so a deeper request could be read but its job message never written: refuse it here.
+MAX_NESTING = 254
+
+
+def nested_deeper_than(document: Any, limit: int) -> bool:
+    """Whether arrays and objects in document nest more than limit levels (document = level 1).
+    Iterative: Python's recursion limit is below the 1,024 levels orjson reads."""
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
 
 def request_schema(limits: Limits) -> dict[str, Any]:
     """Schema of the body of POST /jobs (also used in the OpenAPI document)."""
@@ -124,6 +141,8 @@ class RequestValidator:
         """Return (type, payload) or raise ValidationFailed naming the offending field."""
         if not self._envelope_ok(document):
             _raise_first(self._envelope, document, prefix="")
+        if isinstance(document.get("payload"), dict) and nested_deeper_than(document, MAX_NESTING):
+            raise ValidationFailed("/payload", f"nested deeper than {MAX_NESTING} levels")
         job_type = document["type"]
         validator = self._payloads.get(job_type)
         if validator is None:

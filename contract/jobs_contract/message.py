@@ -38,6 +38,9 @@ class JobMessage:
     # so end-to-end latency covers the whole life of the job.
     enqueued_at: float = field(default_factory=time.time)
     delivery_count: int = 0
+    # Whether the broker delivered this message before (AMQP's redelivered flag); set by the
+    # consumer, not part of the encoded message.
+    redelivered: bool = False
 
     def encode(self) -> tuple[bytes, pika.BasicProperties]:
         body = orjson.dumps(
@@ -65,7 +68,7 @@ class JobMessage:
         return body, properties
 
     def next_attempt(self) -> "JobMessage":
-        return replace(self, attempt=self.attempt + 1, delivery_count=0)
+        return replace(self, attempt=self.attempt + 1, delivery_count=0, redelivered=False)
 
     @classmethod
     def decode(cls, body: bytes, properties: pika.BasicProperties) -> "JobMessage":

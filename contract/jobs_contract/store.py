@@ -5,7 +5,8 @@ and a final status (succeeded, failed) is never overwritten: a redelivered or
 duplicate message can run again but cannot change the outcome already recorded.
 """
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ FINAL_STATUSES = frozenset({"succeeded", "failed"})
 _FIELDS = ("id", "client", "type", "status", "attempts", "result", "error", "created_at", "started_at", "finished_at")
 
 # KEYS[1] job key, KEYS[2] idempotency key or absent.
-# ARGV: job ttl, pending idempotency ttl, idempotency value, id, client, type, created_at.
+# ARGV: job ttl, idempotency ttl, idempotency value, id, client, type, created_at.
 # (Positional values, field names here: each argument costs the client ~2 us to encode.)
 # Returns nil when created, or the idempotency value already stored.
 _CREATE = """
@@ -33,22 +34,66 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return false
 """
 
-# Undo a create whose publish failed. KEYS[1] job key, KEYS[2] idempotency key or absent; ARGV[1] job id.
+# Undo a create whose publish failed. KEYS[1] job key, KEYS[2] idempotency key or absent.
+# ARGV: job id, then '1' to keep the key (its job may be queued after all: the key stays
+# pending, stale at once) or '' to delete it. The record goes only while queued: a worker
+# that took the message keeps it; the key is touched only while it still names this job.
 _DISCARD = """
-redis.call('DEL', KEYS[1])
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('DEL', KEYS[1]) end
 if KEYS[2] then
   local existing = redis.call('GET', KEYS[2])
-  if existing and string.sub(existing, 1, string.len(ARGV[1])) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+  if existing and string.sub(existing, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+    local job_and_hash = string.match(existing, '^(%S+ %S+) pending')
+    if ARGV[2] == '' then redis.call('DEL', KEYS[2])
+    elseif job_and_hash then redis.call('SET', KEYS[2], job_and_hash .. ' pending 0', 'KEEPTTL') end
+  end
 end
 return 1
 """
 
+# Mark an idempotency key confirmed, compare-and-set: only while it names this job.
+# KEYS[1] idempotency key; ARGV: job id, confirmed value. Returns 1 if set.
+_CONFIRM = """
+local existing = redis.call('GET', KEYS[1])
+if existing and string.sub(existing, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ' ' then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+# Take over a stale pending key (its request is over, unconfirmed) to publish its job again.
+# KEYS[1] idempotency key, KEYS[2] that job's key. ARGV: the stale value (compare-and-set),
+# the new pending value, the confirmed value, job ttl, then id, client, type, created_at to
+# recreate a discarded record. Returns 'changed' (someone else got there first), 'started'
+# (a worker has the job: it was published; the key is now confirmed) or the record's
+# created_at (claimed: publish the job again).
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'changed' end
+local status = redis.call('HGET', KEYS[2], 'status')
+if status and status ~= 'queued' then
+  redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
+  return 'started'
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+if not status then
+  redis.call('HSET', KEYS[2], 'id', ARGV[5], 'client', ARGV[6], 'type', ARGV[7], 'status', 'queued',
+             'attempts', 0, 'created_at', ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+return redis.call('HGET', KEYS[2], 'created_at')
+"""
+
 # Start an attempt. KEYS[1] job key. ARGV: now, job ttl, then id, client, type and
 # created_at to recreate the record with if it is gone (expired, or lost with a Redis
-# restart). Returns the status before the call ('missing' when recreated).
+# restart), then '1' if this delivery is a first one. Returns the status before the call
+# ('missing' when recreated), or 'duplicate': a first delivery of a job that is running is
+# a second copy of its message (the running copy is unacked, so the broker redelivers that
+# one if its worker dies); only a redelivery may run it again.
 _BEGIN = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'succeeded' or status == 'failed' then return status end
+if status == 'running' and ARGV[7] == '1' then return 'duplicate' end
 if not status then
   redis.call('HSET', KEYS[1], 'id', ARGV[3], 'client', ARGV[4], 'type', ARGV[5], 'status', 'queued',
              'attempts', 0, 'created_at', ARGV[6])
@@ -85,18 +130,29 @@ def utcnow() -> str:
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
+    """What an Idempotency-Key holds: its job, the request body's hash, and whether the job is
+    known to be accepted. A pending key names the time its request is surely over by (epoch
+    seconds): after that, nobody will confirm it any more and it is stale."""
+
     job_id: str
     body_hash: str
     confirmed: bool
+    pending_until: float = float("inf")
+    raw: str = field(default="", compare=False, repr=False)  # as stored: what compare-and-set compares
 
     def encode(self) -> str:
-        return f"{self.job_id} {self.body_hash} {'confirmed' if self.confirmed else 'pending'}"
+        if self.confirmed:
+            return f"{self.job_id} {self.body_hash} confirmed"
+        return f"{self.job_id} {self.body_hash} pending {self.pending_until:.3f}"
 
     @classmethod
     def decode(cls, raw: bytes | str) -> "IdempotencyRecord":
         text = raw.decode() if isinstance(raw, bytes) else raw
-        job_id, body_hash, state = text.split(" ")
-        return cls(job_id, body_hash, state == "confirmed")
+        job_id, body_hash, state, *until = text.split(" ")
+        return cls(job_id, body_hash, state == "confirmed", float(until[0]) if until else float("inf"), raw=text)
+
+    def stale(self) -> bool:
+        return not self.confirmed and time.time() > self.pending_until
 
 
 class JobStore:
@@ -106,6 +162,8 @@ class JobStore:
         self.idempotency_ttl = idempotency_ttl_seconds
         self._create = client.register_script(_CREATE)
         self._discard = client.register_script(_DISCARD)
+        self._confirm = client.register_script(_CONFIRM)
+        self._claim = client.register_script(_CLAIM)
         self._begin = client.register_script(_BEGIN)
         self._finish = client.register_script(_FINISH)
 
@@ -135,26 +193,45 @@ class JobStore:
     ) -> IdempotencyRecord | None:
         """Record a new queued job. With idempotency=(key, body_hash), return the
         record already stored under that key instead of creating a job, if any.
-        The key is held as pending for pending_ttl_seconds, long enough to publish;
-        confirm_idempotency() then keeps it for the full idempotency TTL."""
+        The key is written with the job, for the full idempotency TTL, as pending for
+        pending_ttl_seconds (long enough to publish); confirm_idempotency() marks it
+        accepted, and a key left pending past that is resolved by claim_stale()."""
         keys = [self.job_key(job_id)]
         idem_value = ""
         if idempotency is not None:
             keys.append(self.idempotency_key(client, idempotency[0]))
-            idem_value = IdempotencyRecord(job_id, idempotency[1], confirmed=False).encode()
-        existing = self._create(keys=keys, args=[self.job_ttl, pending_ttl_seconds, idem_value, job_id, client,
+            idem_value = IdempotencyRecord(job_id, idempotency[1], confirmed=False,
+                                           pending_until=time.time() + pending_ttl_seconds).encode()
+        existing = self._create(keys=keys, args=[self.job_ttl, self.idempotency_ttl, idem_value, job_id, client,
                                                  job_type, created_at])
         return IdempotencyRecord.decode(existing) if existing else None
 
-    def confirm_idempotency(self, client: str, key: str, job_id: str, body_hash: str) -> None:
+    def confirm_idempotency(self, client: str, key: str, job_id: str, body_hash: str) -> bool:
+        """Mark the key accepted, unless it names another job by now."""
         record = IdempotencyRecord(job_id, body_hash, confirmed=True)
-        self.redis.set(self.idempotency_key(client, key), record.encode(), ex=self.idempotency_ttl)
+        return bool(self._confirm(keys=[self.idempotency_key(client, key)], args=[job_id, record.encode()]))
 
-    def discard(self, job_id: str, client: str, idempotency_key: str | None = None) -> None:
+    def claim_stale(self, client: str, key: str, stale: IdempotencyRecord, job_type: str, created_at: str,
+                    pending_ttl_seconds: int) -> str:
+        """Take over a stale pending key to publish its job again (same id), recreating a record
+        that was discarded. Returns the job's created_at when claimed, 'started' when a worker
+        has the job (the key is confirmed), or 'changed' when the key is no longer `stale`."""
+        claimed = replace(stale, pending_until=time.time() + pending_ttl_seconds)
+        confirmed = replace(stale, confirmed=True)
+        outcome = self._claim(keys=[self.idempotency_key(client, key), self.job_key(stale.job_id)],
+                              args=[stale.raw or stale.encode(), claimed.encode(), confirmed.encode(), self.job_ttl,
+                                    stale.job_id, client, job_type, created_at])
+        return outcome.decode()
+
+    def discard(self, job_id: str, client: str, idempotency_key: str | None = None, keep_key: bool = False) -> None:
+        """Undo a create whose publish failed: remove the record while it is queued, and the key
+        while it names this job. keep_key: the message may be queued after all (the failure
+        was ambiguous), so the key stays, stale at once: a retry claims it and publishes the
+        same job again instead of creating a second one."""
         keys = [self.job_key(job_id)]
         if idempotency_key is not None:
             keys.append(self.idempotency_key(client, idempotency_key))
-        self._discard(keys=keys, args=[job_id])
+        self._discard(keys=keys, args=[job_id, "1" if keep_key else ""])
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(self.job_key(job_id))
@@ -168,10 +245,12 @@ class JobStore:
 
     # service-app
 
-    def begin(self, job_id: str, client: str, job_type: str, created_at: str) -> str:
-        """Mark an attempt running; return the previous status (a final one means: do not run)."""
+    def begin(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool = True) -> str:
+        """Mark an attempt running; return the previous status (a final one, or 'duplicate' for a
+        first delivery of a running job, means: do not run)."""
         status = self._begin(keys=[self.job_key(job_id)],
-                             args=[utcnow(), self.job_ttl, job_id, client, job_type, created_at])
+                             args=[utcnow(), self.job_ttl, job_id, client, job_type, created_at,
+                                   "0" if redelivered else "1"])
         return status.decode()
 
     @staticmethod

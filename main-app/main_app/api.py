@@ -1,5 +1,6 @@
 """The HTTP API: submit jobs, read their status, health and the OpenAPI document."""
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from jobs_contract import JOB_TYPES, JobMessage, JobStore, topology
 from jobs_contract.catalog import RequestValidator, ValidationFailed
-from jobs_contract.store import utcnow
+from jobs_contract.store import IdempotencyRecord, utcnow
 from main_app import metrics
 from main_app.auth import TokenAuthenticator
 from main_app.broker import BrokerUnavailable, Publisher
@@ -33,11 +34,13 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
     settings = settings or Settings.from_env()
     store = store or JobStore.from_url(settings.redis_url, job_ttl_seconds=settings.job_ttl_seconds,
                                        idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
-    publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology).start()
+    publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology,
+                                       stall_seconds=settings.publish_timeout_seconds).start()
     authenticator = TokenAuthenticator(settings.api_tokens, disabled=settings.auth_disabled)
     validator = RequestValidator(settings.limits)
     openapi = orjson.dumps(openapi_document(settings))
-    # An idempotency key stays "pending" only while its request waits for the broker.
+    # How long a request may hold its idempotency key "pending": publishing, its confirm and
+    # the store writes around it are over by then (a pending key older than this is stale).
     pending_ttl = int(settings.publish_timeout_seconds * 2) + 5
 
     metrics.initialise(JOB_TYPES)
@@ -58,10 +61,12 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
 
     @app.after_request
     def observe(response: Response) -> Response:
+        # Every label is bounded: anyone can send any method to any path.
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics.child(metrics.HTTP_REQUESTS, route, request.method, str(response.status_code)).inc()
+        method = metrics.method_label(request.method)
+        metrics.child(metrics.HTTP_REQUESTS, route, method, metrics.status_label(response.status_code)).inc()
         if "started" in g:
-            metrics.child(metrics.HTTP_LATENCY, route, request.method).observe(time.perf_counter() - g.started)
+            metrics.child(metrics.HTTP_LATENCY, route, method).observe(time.perf_counter() - g.started)
         return response
 
     @app.errorhandler(Problem)
@@ -77,7 +82,9 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
             413: f"request body larger than {settings.max_body_bytes} bytes",
             404: "no such resource",
         }.get(status, exc.description or exc.name)
-        return problem(Problem(status, exc.name, detail, reason=f"http_{status}"))
+        # Keep the exception's own headers (Allow on a 405), not its HTML content type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return problem(Problem(status, exc.name, detail, reason=f"http_{status}", headers=headers))
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
@@ -130,21 +137,34 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
 
         job_id = str(uuid.uuid4())
         created_at = utcnow()
+        # Encoded before anything is written: a job whose message cannot be built leaves no record.
+        message = JobMessage(id=job_id, type=job_type, payload=payload, client=client, created_at=created_at)
+        try:
+            body, properties = message.encode()
+        except orjson.JSONEncodeError as exc:
+            raise Problem(422, "Unprocessable Content", f"the job cannot be encoded: {exc}", reason="invalid",
+                          errors=[{"pointer": "/payload", "detail": str(exc)}]) from None
         existing = timed_store("create", store.create, job_id, client, job_type, created_at, idempotency,
                                pending_ttl_seconds=pending_ttl)
-        if existing is not None:
-            return replay(existing, idempotency[1])
+        republish = existing is not None
+        if republish:
+            resumed = resume(existing, client, key, idempotency[1], job_type)
+            if isinstance(resumed, Response):
+                return resumed
+            # The key's request is over and nobody confirmed it: its job may or may not be queued.
+            # Publish that job (same id) again: at worst a duplicate message of one job.
+            job_id, created_at = existing.job_id, resumed
+            message = dataclasses.replace(message, id=job_id, created_at=created_at)
+            body, properties = message.encode()
 
-        message = JobMessage(id=job_id, type=job_type, payload=payload, client=client, created_at=created_at)
-        body, properties = message.encode()
         started = time.perf_counter()
         try:
             publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
                               timeout=settings.publish_timeout_seconds)
         except BrokerUnavailable as exc:
             log.warning("job %s not accepted: %s", job_id, exc)
-            try:
-                store.discard(job_id, client, key)
+            try:  # the key stays while the job may be queued: a retry must get that job, not a new one
+                store.discard(job_id, client, key, keep_key=exc.maybe_published or republish)
             except redis.RedisError:
                 log.warning("could not remove the record of unaccepted job %s", job_id)
             raise unavailable("the message broker is unavailable; the job was not accepted",
@@ -156,20 +176,44 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
                 store.confirm_idempotency(client, key, job_id, idempotency[1])
             except redis.RedisError:
                 log.warning("job %s accepted, but its Idempotency-Key could not be confirmed", job_id)
-        metrics.child(metrics.JOBS_ACCEPTED, job_type).inc()
-        return accepted({"id": job_id, "type": job_type, "status": "queued", "created_at": created_at})
+        if not republish:
+            metrics.child(metrics.JOBS_ACCEPTED, job_type).inc()
+        return accepted({"id": job_id, "type": job_type, "status": "queued", "created_at": created_at},
+                        replayed=republish)
 
-    def replay(existing, body_hash: str) -> Response:
+    def resume(existing: IdempotencyRecord, client: str, key: str, body_hash: str, job_type: str) -> Response | str:
+        """A request whose Idempotency-Key is taken: the key's job (replayed), 409 while the request
+        that took it may still be in flight, 422 for another body; or, for a key its request left
+        pending, the created_at of its job, which the caller then publishes again."""
         if existing.body_hash != body_hash:
             raise Problem(422, "Unprocessable Content",
                           "this Idempotency-Key was already used with a different request body",
                           reason="idempotency_mismatch")
-        if not existing.confirmed:
-            raise Problem(409, "Conflict", "a request with this Idempotency-Key is still being processed",
-                          reason="idempotency_in_progress", headers={"Retry-After": "1"})
         job = timed_store("get", store.get, existing.job_id)
-        if job is None:
-            raise Problem(409, "Conflict", "the job for this Idempotency-Key has expired", reason="idempotency_expired")
+        if existing.confirmed:
+            if job is None:
+                raise Problem(409, "Conflict", "the job for this Idempotency-Key has expired",
+                              reason="idempotency_expired")
+            return replay(job)
+        if job is not None and job["status"] != "queued":  # a worker has it, so it was published
+            try:
+                store.confirm_idempotency(client, key, existing.job_id, body_hash)
+            except redis.RedisError:
+                pass  # the next retry resolves it the same way
+            return replay(job)
+        in_progress = Problem(409, "Conflict", "a request with this Idempotency-Key is still being processed",
+                              reason="idempotency_in_progress", headers={"Retry-After": "1"})
+        if not existing.stale():
+            raise in_progress
+        outcome = timed_store("claim", store.claim_stale, client, key, existing, job_type,
+                              job["created_at"] if job else utcnow(), pending_ttl)
+        if outcome == "changed":  # another retry claimed it first
+            raise in_progress
+        if outcome == "started":
+            return resume(dataclasses.replace(existing, confirmed=True), client, key, body_hash, job_type)
+        return outcome
+
+    def replay(job: dict[str, Any]) -> Response:
         summary = {name: job[name] for name in ("id", "type", "status", "created_at")}
         return accepted(summary, replayed=True)
 

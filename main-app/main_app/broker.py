@@ -4,15 +4,22 @@ One connection per process, owned by one background thread running pika's
 SelectConnection. Request threads hand it messages and wait only for the
 broker's confirm of their own message (matched by delivery tag), so the
 process is not capped at one confirm round trip at a time.
+
+A request thread wakes the loop of the connection it saw; the wake-up is tied to
+that connection, so one lost with a dead connection cannot silence the next, and
+the loop also drains the outbox on a timer as a backstop. A publisher whose loop
+leaves messages waiting is not ready (`ready`), whatever its connection says.
 """
 
 import collections
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import NamedTuple
 
 import pika
 from pika.adapters.select_connection import SelectConnection
@@ -24,11 +31,32 @@ log = logging.getLogger(__name__)
 
 
 class BrokerUnavailable(Exception):
-    """The message was not confirmed by RabbitMQ: treat it as not published."""
+    """The message was not confirmed by RabbitMQ: treat it as not published.
+
+    maybe_published: it was written to the broker before the failure (lost connection, no
+    confirm in time), so it may be queued after all; otherwise it certainly is not."""
+
+    def __init__(self, reason: str, maybe_published: bool = False):
+        super().__init__(reason)
+        self.maybe_published = maybe_published
+
+
+# The loop drains the outbox this often even if no wake-up reached it.
+BACKSTOP_DRAIN_SECONDS = 0.2
+
+
+class _Outgoing(NamedTuple):
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: pika.BasicProperties
+    future: Future
+    queued_at: float  # time.monotonic() when a request thread handed it over
 
 
 class Publisher:
-    def __init__(self, url: str, declare_topology: bool = True, on_reconnect: Callable[[], None] | None = None):
+    def __init__(self, url: str, declare_topology: bool = True, on_reconnect: Callable[[], None] | None = None,
+                 stall_seconds: float = 5.0):
         self._parameters = pika.URLParameters(url)
         # During a resource alarm the broker stops reading: stop publishing at once (see
         # _on_blocked) and give the connection up if the alarm outlasts this.
@@ -44,7 +72,10 @@ class Publisher:
         # Messages handed over by request threads, published by the loop thread.
         self._outbox: collections.deque = collections.deque()
         self._outbox_lock = threading.Lock()
-        self._wake_pending = False
+        # The connection whose loop was last sent a wake-up that it has not acted on yet.
+        self._woken: SelectConnection | None = None
+        # A message waiting longer than this for the loop means the publisher is not publishing.
+        self._stall_seconds = stall_seconds
         self._ready = threading.Event()
         self._blocked = False
         self._stopping = threading.Event()
@@ -57,7 +88,17 @@ class Publisher:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Connected, not blocked, and publishing what it is handed."""
+        return self._ready.is_set() and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        """A handed-over message has waited for the loop longer than stall_seconds."""
+        try:
+            oldest = self._outbox[0]
+        except IndexError:
+            return False
+        return time.monotonic() - oldest.queued_at > self._stall_seconds
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -69,12 +110,13 @@ class Publisher:
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
         future: Future = Future()
-        self._outbox.append((exchange, routing_key, body, properties, future))
-        # Wake the loop only if no wake-up is pending already: under load one wake-up
-        # (a write to pika's interrupt socket) carries many messages.
+        self._outbox.append(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic()))
+        # Wake the loop only if this connection's loop has a wake-up pending already: under
+        # load one wake-up (a write to pika's interrupt socket) carries many messages. One
+        # sent to a connection that died meanwhile does not count for its successor.
         with self._outbox_lock:
-            wake = not self._wake_pending
-            self._wake_pending = True
+            wake = self._woken is not connection
+            self._woken = connection
         if wake:
             try:
                 connection.ioloop.add_callback_threadsafe(self._publish_outbox)
@@ -90,7 +132,8 @@ class Publisher:
             try:
                 future.result(min(1.0, timeout))
             except FutureTimeout:
-                raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s") from None
+                raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
+                    from None
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -110,13 +153,17 @@ class Publisher:
             try:
                 if self._declare_topology:
                     self._declare()
-                self._connection = SelectConnection(
+                connection = SelectConnection(
                     self._parameters,
                     on_open_callback=self._on_connection_open,
                     on_open_error_callback=self._on_connection_open_error,
                     on_close_callback=self._on_connection_closed,
                 )
-                self._connection.ioloop.start()
+                self._connection = connection
+                try:
+                    connection.ioloop.start()
+                finally:
+                    connection.ioloop.close()  # its poller and interrupt sockets; late wake-ups are dropped
             except Exception as exc:  # broker down, DNS, auth: all retried
                 log.warning("RabbitMQ connection failed: %s", exc)
             self._ready.clear()
@@ -178,10 +225,8 @@ class Publisher:
         self._delivery_tag = 0
         self._connected_once = True
         self._blocked = False
-        # A wake-up sent to the previous connection's loop was lost with it: start afresh.
-        with self._outbox_lock:
-            self._wake_pending = False
         self._publish_outbox()
+        self._drain_periodically(self._connection)
         self._ready.set()
         log.info("connected to RabbitMQ, publishing with confirms")
         if self._on_reconnect is not None:
@@ -199,18 +244,27 @@ class Publisher:
         elif self._connection is not None:
             self._connection.ioloop.stop()
 
+    def _drain_periodically(self, connection: SelectConnection) -> None:
+        """Backstop: whatever a wake-up failed to announce is published within one period."""
+        if connection is not self._connection or not connection.is_open:
+            return
+        if self._outbox:
+            self._publish_outbox()
+        connection.ioloop.call_later(BACKSTOP_DRAIN_SECONDS, lambda: self._drain_periodically(connection))
+
     def _publish_outbox(self) -> None:
         with self._outbox_lock:
-            self._wake_pending = False
+            self._woken = None
         outbox = self._outbox
         while outbox:
             try:
                 item = outbox.popleft()
             except IndexError:
                 break
-            self._publish_on_loop(*item)
+            self._publish_on_loop(item)
 
-    def _publish_on_loop(self, exchange, routing_key, body, properties, future: Future) -> None:
+    def _publish_on_loop(self, item: _Outgoing) -> None:
+        exchange, routing_key, body, properties, future, _ = item
         if not future.set_running_or_notify_cancel():
             return  # its request gave up waiting and answered 503: never publish it
         if self._channel is None or not self._channel.is_open:
@@ -245,10 +299,11 @@ class Publisher:
             if entry is None:
                 continue
             future, message_id = entry
+            returned = message_id in self._returned
+            self._returned.discard(message_id)  # forgotten whatever the confirm says
             if not acked:
                 future.set_exception(BrokerUnavailable("RabbitMQ refused the message (nack)"))
-            elif message_id in self._returned:
-                self._returned.discard(message_id)
+            elif returned:
                 future.set_exception(BrokerUnavailable("RabbitMQ could not route the message to a queue"))
             else:
                 future.set_result(None)
@@ -256,12 +311,12 @@ class Publisher:
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
         self._returned.clear()
-        for future, _ in pending.values():
+        for future, _ in pending.values():  # written, never confirmed
             if not future.done():
-                future.set_exception(BrokerUnavailable(reason))
+                future.set_exception(BrokerUnavailable(reason, maybe_published=True))
         while self._outbox:  # handed over but not published: fail them now rather than at their timeout
             try:
-                future = self._outbox.popleft()[-1]
+                future = self._outbox.popleft().future
             except IndexError:
                 break
             if future.set_running_or_notify_cancel():

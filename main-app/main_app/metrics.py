@@ -2,6 +2,7 @@
 PROMETHEUS_MULTIPROC_DIR and served, aggregated, by the master (gunicorn_conf.py)."""
 
 from prometheus_client import Counter, Gauge, Histogram
+from werkzeug.http import HTTP_STATUS_CODES
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -26,6 +27,18 @@ STORE_LATENCY = Histogram(
 )
 
 _children: dict = {}
+
+# Label values an outsider controls are mapped onto fixed sets, so requests cannot create series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
+_STATUSES = frozenset(HTTP_STATUS_CODES)
+
+
+def method_label(method: str) -> str:
+    return method if method in _METHODS else "other"
+
+
+def status_label(status: int) -> str:
+    return str(status) if status in _STATUSES else "other"
 
 
 def child(metric, *labels: str):

@@ -32,7 +32,8 @@ def openapi_document(settings) -> dict[str, Any]:
         "security": [{"bearer": []}],
         "parameters": [{
             "name": "Idempotency-Key", "in": "header", "required": False,
-            "description": "Same key and body: the same job is returned. Same key, other body: 422.",
+            "description": "Same key and body: the same job is returned, also when the first request failed "
+                           "after (or with) an ambiguous publish. Same key, other body: 422.",
             "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
         }],
         "requestBody": {"required": True, "content": {JSON: {"schema": {"$ref": "#/components/schemas/JobRequest"}}}},
@@ -43,7 +44,8 @@ def openapi_document(settings) -> dict[str, Any]:
             "409": problem("A request with this Idempotency-Key is still in progress", retry_after),
             "413": problem(f"Body larger than {settings.max_body_bytes} bytes"),
             "415": problem("Content type is not JSON"),
-            "422": problem("The job does not match its schema; `errors[].pointer` names the field"),
+            "422": problem("The job does not match its schema, or is nested deeper than 254 levels; "
+                           "`errors[].pointer` names the field"),
             "503": unavailable,
         },
     }
@@ -86,7 +88,8 @@ def openapi_document(settings) -> dict[str, Any]:
                 "responses": {"200": {"description": "Alive", "content": {JSON: {"schema": health}}}},
             }},
             "/readyz": {"get": {
-                "operationId": "readyz", "summary": "RabbitMQ and Redis are reachable", "security": [],
+                "operationId": "readyz", "security": [],
+                "summary": "RabbitMQ and Redis are reachable, and jobs handed to the publisher are published",
                 "responses": {
                     "200": {"description": "Ready", "content": {JSON: {"schema": readiness}}},
                     "503": {"description": "Not ready", "content": {JSON: {"schema": readiness}}},

@@ -20,6 +20,8 @@ RETRIES = Counter("jobs_worker_retries_total", "Attempts that failed and were sc
 DEAD_LETTERED = Counter("jobs_worker_dead_lettered_total", "Messages sent to the dead-letter queue", ["reason"])
 BROKER_RECONNECTS = Counter("jobs_worker_broker_reconnects_total", "Connections to RabbitMQ re-established")
 STORE_ERRORS = Counter("jobs_worker_store_errors_total", "Job store operations that failed and were retried")
+RETRY_PUBLISH_ERRORS = Counter("jobs_worker_retry_publish_errors_total",
+                               "Retry copies the broker did not confirm (alarm, unroutable, nack); tried again")
 
 OUTCOMES = ("succeeded", "failed", "retried", "skipped")
 DEAD_LETTER_REASONS = ("max_attempts", "redelivery_limit", "unparseable", "malformed", "schema_version",

@@ -1,10 +1,12 @@
 """The consumer: takes jobs from RabbitMQ, runs them on a thread pool, records
 the outcome in Redis, and only then acks, retries or dead-letters the message.
 
-Threads: the main thread owns the pika connection (one per process) and does
-all broker I/O, so heartbeats keep flowing however long a job runs. Jobs run
-on a pool of WORKER_CONCURRENCY threads; their broker actions are handed back
-to the main thread with add_callback_threadsafe.
+Threads: the main thread owns the consume connection and does all its I/O, so
+heartbeats keep flowing however long a job runs. Jobs run on a pool of
+WORKER_CONCURRENCY threads; their acks and rejects are handed back to the main
+thread with add_callback_threadsafe. Retry copies are published by the job thread
+on a second connection (retry_publisher.py), so a broker that blocks publishers
+(resource alarm) or refuses a retry copy holds up that one message only.
 """
 
 import collections
@@ -14,7 +16,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import orjson
@@ -27,6 +29,7 @@ from jobs_contract.catalog import RequestValidator, ValidationFailed
 from service_app import metrics
 from service_app.config import Settings
 from service_app.jobs import HANDLERS, JobContext
+from service_app.retry_publisher import RetryNotPublished, RetryPublisher
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class ConsumerLost(pika.exceptions.AMQPError):
 class Settle:
     """What to do with a message once its outcome is recorded."""
 
-    action: str  # "ack", "retry", "dead" or "requeue"
+    action: str  # "ack", "retry" (the job thread publishes the retry copy, then acks), "dead" or "requeue"
     delay_seconds: float = 0.0
     reason: str = ""
 
@@ -72,7 +75,7 @@ class Worker:
         self._generation = 0
         self._connection: pika.BlockingConnection | None = None
         self._channel = None
-        self._retry_channel = None
+        self.retries = RetryPublisher(settings.rabbitmq_url)
         # Outcomes handed back by job threads, settled by the main thread in batches: one
         # wake-up of the connection for many, and one `multiple` ack where the tags allow.
         self._settles: collections.deque = collections.deque()
@@ -129,8 +132,6 @@ class Worker:
         if self.settings.declare_topology:
             topology.declare(channel)
         channel.basic_qos(prefetch_count=self.settings.prefetch)
-        self._retry_channel = self._connection.channel()
-        self._retry_channel.confirm_delivery()
         self._channel = channel
         self._outstanding = set()
         with self._lock:
@@ -149,10 +150,11 @@ class Worker:
         while not self.stopping.is_set():
             self.beat()
             self._connection.process_data_events(time_limit=0.5)
+            self.retries.keep_alive()
             # The connection's event loop does not raise when only a channel dies (e.g.
             # consumer_timeout) or the broker cancels the consumer (queue deleted): check.
-            if channel.is_closed or self._retry_channel.is_closed:
-                raise ConsumerLost("the broker closed a channel")
+            if channel.is_closed:
+                raise ConsumerLost("the broker closed the channel")
             if cancelled.is_set():
                 raise ConsumerLost("the broker cancelled the consumer")
             if self._settles:  # a wake-up may have been lost with an earlier connection
@@ -171,6 +173,9 @@ class Worker:
                 if connection is not None and connection.is_open:
                     connection.process_data_events(time_limit=0.1)
                 else:
+                    # The connection is gone: what finished has nothing left to settle (the broker
+                    # requeued it); only jobs still running are waited for.
+                    self._settle_all()
                     time.sleep(0.1)
         except (pika.exceptions.AMQPError, OSError) as exc:
             log.warning("broker connection lost while draining: %s", exc)
@@ -179,12 +184,13 @@ class Worker:
             log.warning("grace period over with %d job(s) unsettled; they go back to the queue", left)
         self.abandon.set()
         self._close_quietly()
+        self.retries.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
     def _on_message(self, generation: int, channel, method, properties, body: bytes) -> None:
         try:
-            job = JobMessage.decode(body, properties)
+            job = replace(JobMessage.decode(body, properties), redelivered=bool(method.redelivered))
             if job.type not in HANDLERS:
                 raise PoisonMessage("unknown_type", f"no handler for job type {job.type!r}")
             self.validator.validate_payload(job.type, job.payload)
@@ -215,15 +221,17 @@ class Worker:
         with self._settle_lock:
             self._settle_pending = False
         acks: list[int] = []
-        while self._settles:
-            try:
-                generation, delivery_tag, job, settle = self._settles.popleft()
-            except IndexError:
-                break
-            if self._settle(generation, delivery_tag, job, settle):
-                acks.append(delivery_tag)
-        if acks:
-            self._ack(acks)
+        try:
+            while self._settles:
+                try:
+                    generation, delivery_tag, job, settle = self._settles.popleft()
+                except IndexError:
+                    break
+                if self._settle(generation, delivery_tag, job, settle):
+                    acks.append(delivery_tag)
+        finally:  # whatever goes wrong with one message, the batch's acks are sent
+            if acks:
+                self._ack(acks)
 
     def _ack(self, tags: list[int]) -> None:
         channel = self._channel
@@ -250,20 +258,17 @@ class Worker:
         if settle.action == "ack":
             return True
         self._outstanding.discard(delivery_tag)
-        if settle.action == "requeue":
-            self._channel.basic_nack(delivery_tag, requeue=True)
-        elif settle.action == "retry":
-            retry = job.next_attempt()
-            body, properties = retry.encode()
-            properties.expiration = str(max(1, int(settle.delay_seconds * 1000)))
-            tier = topology.delay_tier_ms(settle.delay_seconds)
-            # Blocks until the broker confirms the delayed copy; only then is the original acked.
-            self._retry_channel.basic_publish(topology.DELAY_EXCHANGE, str(tier), body, properties, mandatory=True)
-            self._channel.basic_ack(delivery_tag)
+        if settle.action == "requeue":  # reject, not nack: a requeueing nack does not raise x-delivery-count (4.3)
+            self._channel.basic_reject(delivery_tag, requeue=True)
         else:
             metrics.DEAD_LETTERED.labels(settle.reason).inc()
             self._channel.basic_reject(delivery_tag, requeue=False)
         return False
+
+    def _on_live_connection(self, generation: int) -> bool:
+        """Whether a message delivered on that connection can still be settled on it."""
+        with self._lock:
+            return generation == self._generation and self.connected.is_set()
 
     def _unsettled_count(self) -> int:
         with self._lock:
@@ -295,10 +300,15 @@ class Worker:
                  poison: tuple[str, str] | None = None) -> None:
         settle = None
         try:
-            if poison is not None:
+            if not self._on_live_connection(generation):
+                pass  # its connection is gone: the broker requeued it, maybe to a worker running it already
+            elif poison is not None:
                 settle = self._fail_poison(job, *poison)
             elif not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
                 settle = self._run(job)
+            if settle is not None and settle.action == "retry":
+                # The original is acked only once its retry copy is confirmed.
+                settle = Settle("ack") if self._publish_retry(generation, job, settle.delay_seconds) else None
         except Abandoned:
             pass
         except Exception as exc:
@@ -321,17 +331,42 @@ class Worker:
                 with self._settle_lock:
                     self._settle_pending = False
 
+    def _publish_retry(self, generation: int, job: JobMessage, delay_seconds: float) -> bool:
+        """Publish the next attempt to the delay queue of its backoff (job thread). While the broker
+        will not take it (alarm, unroutable, nack, connection trouble), keep trying with backoff:
+        only this message waits, unacked. False: give the original back to the broker instead
+        (its connection is gone, so it is requeued; or shutdown ran out of grace)."""
+        body, properties = job.next_attempt().encode()
+        properties.expiration = str(max(1, int(delay_seconds * 1000)))
+        tier = str(topology.delay_tier_ms(delay_seconds))
+        pause = 0.1
+        while self._on_live_connection(generation):
+            try:
+                self.retries.publish(topology.DELAY_EXCHANGE, tier, body, properties)
+                return True
+            except RetryNotPublished as exc:
+                metrics.RETRY_PUBLISH_ERRORS.inc()
+                log.warning("job %s: retry not published (%s); trying again in %.1fs", job.id, exc, pause)
+            if self.abandon.wait(pause):
+                return False
+            pause = min(pause * 2, 5.0)
+        return False
+
     def _run(self, job: JobMessage) -> Settle:
         settings = self.settings
         if job.delivery_count >= settings.max_redeliveries:
+            recorded = self._record(self.store.get, job.id)
+            if recorded is not None and recorded["status"] in FINAL_STATUSES:  # its worker died after recording it
+                metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
+                return Settle("ack")
             error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
                      f"each time); giving up")
             self._record(self.store.fail, job.id, error, identity=_identity(job))
             self._observe_final(job, "failed")
             return Settle("dead", reason="redelivery_limit")
 
-        previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at)
-        if previous in FINAL_STATUSES:
+        previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at, job.redelivered)
+        if previous in FINAL_STATUSES or previous == "duplicate":
             metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
             return Settle("ack")
 

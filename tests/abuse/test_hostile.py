@@ -108,6 +108,37 @@ def test_deep_nesting(api, depth, status):
     assert code == status, response[:300]
 
 
+def test_every_nesting_depth_up_to_what_orjson_reads(api, rabbit, redis_node):
+    """orjson reads JSON 1,024 levels deep but writes only 254: every depth in between must be
+    a 422 at validation (never a 500), and no refused request may leave a record or a message.
+    Every depth is tried, not samples: the boundaries are where the defects were."""
+    import pika
+    import redis
+
+    store = redis.Redis.from_url(redis_node.url)
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    channel = connection.channel()
+
+    def records_and_messages() -> tuple[int, int]:
+        records = sum(1 for _ in store.scan_iter("job:*", count=1000))
+        return records, channel.queue_declare("jobs", passive=True).method.message_count
+
+    before = records_and_messages()
+    headers = {**api.auth(), "Content-Type": "application/json"}
+    unexpected = {}
+    for depth in range(1, 1031):  # the payload's depth; the document is two levels deeper
+        body = b'{"type": "echo", "payload": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+        status = api.session.post(f"{api.url}/jobs", data=body, headers=headers, timeout=15).status_code
+        expected = 202 if depth + 2 <= 254 else 422 if depth + 2 <= 1024 else 400
+        if status != expected:
+            unexpected[depth] = (status, expected)
+    after = records_and_messages()
+    connection.close()
+    assert not unexpected, f"(status, expected) by depth: {unexpected}"
+    accepted = 252
+    assert after == (before[0] + accepted, before[1] + accepted), "refused requests left records or messages behind"
+
+
 def test_huge_strings(api):
     assert post_raw(api, json.dumps({"type": "echo", "payload": {"s": "\u00e9" * 30_000}},
                                     ensure_ascii=False).encode())[0] == 202  # 60 kB of UTF-8

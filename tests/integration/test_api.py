@@ -1,6 +1,8 @@
 """main-app's HTTP contract against real Redis and RabbitMQ."""
 
 import json
+import threading
+import time
 
 import orjson
 import pytest
@@ -311,3 +313,209 @@ def test_a_gunicorn_worker_accepts_requests_only_once_connected(rabbit, redis_no
     for _ in range(40):  # fresh connections, spread over the workers as they come up
         codes.append(requests.post(f"{api.url}/jobs", json={"type": "echo"}, headers=AUTH, timeout=10).status_code)
     assert codes == [202] * 40, codes
+
+
+def nested_body(depth: int) -> bytes:
+    """A request whose payload holds `depth` nested arrays (the document is depth + 2 deep)."""
+    return b'{"type": "echo", "payload": {"a": ' + b"[" * depth + b"]" * depth + b"}}"
+
+
+@pytest.mark.parametrize("depth, status", [(1, 202), (252, 202), (253, 422), (254, 422), (600, 422), (1022, 422),
+                                           (1023, 400)])
+def test_nesting_orjson_cannot_write_is_422_and_leaves_nothing(client, amqp, redis_client, depth, status):
+    """orjson reads 1,024 levels but writes only 254: a document it could read but not write
+    as a message is refused at validation, before anything is recorded or published."""
+    response = client.post("/jobs", data=nested_body(depth), headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == status, response.get_data()[:300]
+    accepted = 1 if status == 202 else 0
+    assert queue_depth(amqp, topology.QUEUE) == accepted
+    assert len(redis_client.keys("job:*")) == accepted, "a refused job left a record behind"
+    if status == 422:
+        assert response.get_json()["errors"][0]["pointer"] == "/payload"
+
+
+def _series(metrics_text: str, name: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in metrics_text.splitlines() if line.startswith(name + "{")}
+
+
+def test_outsiders_cannot_grow_the_metrics(rabbit, redis_node, redis_client, amqp, start_api):
+    """gunicorn accepts any 3-20 letter uppercase method: unauthenticated requests with made-up
+    methods on made-up paths must not create a series each (the labels are bounded)."""
+    import random
+    import string
+
+    import requests
+
+    api = start_api(rabbit.url, redis_node.url)
+    assert api.submit("echo", {}).status_code == 202
+    requests.get(f"{api.url}/nope", timeout=5)
+    requests.delete(f"{api.url}/jobs", timeout=5)
+    baseline = requests.get(api.metrics_url, timeout=5).text
+    rng = random.Random(13)
+    methods = {"".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 20))) for _ in range(60)}
+    for method in methods:
+        for path in ("/jobs", "/nope", f"/{method.lower()}"):
+            response = requests.request(method, f"{api.url}{path}", timeout=5)
+            assert response.status_code in (404, 405, 501), (method, path, response.status_code)
+    after = requests.get(api.metrics_url, timeout=5).text
+    for name in ("jobs_api_http_requests_total", "jobs_api_http_request_duration_seconds_count"):
+        grown = _series(after, name) - _series(baseline, name)
+        assert len(grown) <= 3, sorted(grown)  # at most one "other method" series per route/status seen
+    assert len(after) < len(baseline) + 3000
+
+
+def test_405_names_the_allowed_methods(client, openapi):
+    response = client.delete("/jobs", headers=AUTH)
+    assert response.status_code == 405
+    assert response.mimetype == "application/problem+json"
+    assert "POST" in {m.strip() for m in response.headers["Allow"].split(",")}
+    assert "GET" in {m.strip() for m in client.post("/healthz").headers["Allow"].split(",")}
+
+
+# --- idempotency across store and broker failures ------------------------------------------------
+
+
+def _client_id(token: str = TOKEN) -> str:
+    from main_app.auth import TokenAuthenticator
+
+    return TokenAuthenticator((token,)).client_for(f"Bearer {token}")
+
+
+def test_confirming_a_key_never_overwrites_another_requests_key(redis_node, redis_client):
+    """The confirm is a compare-and-set on the job id, not a plain SET."""
+    store = JobStore.from_url(redis_node.url)
+    assert store.create("job-1", "c", "echo", "t", ("k", "h")) is None
+    store.discard("job-1", "c", "k")  # its publish failed: the key is free again...
+    assert store.create("job-2", "c", "echo", "t", ("k", "h")) is None  # ...and another request takes it
+    store.confirm_idempotency("c", "k", "job-1", "h")  # a late confirm of the first request
+    assert store.create("job-3", "c", "echo", "t", ("k", "h")).job_id == "job-2"
+
+
+def test_discard_removes_a_record_only_while_queued(redis_node, redis_client):
+    """An ambiguous publish failure can race a worker that already took the message: its record stays."""
+    store = JobStore.from_url(redis_node.url)
+    assert store.create("job-1", "c", "echo", "t") is None
+    assert store.begin("job-1", "c", "echo", "t") == "queued"
+    store.discard("job-1", "c")
+    assert store.get("job-1")["status"] == "running"
+    assert store.create("job-2", "c", "echo", "t") is None
+    store.discard("job-2", "c")
+    assert store.get("job-2") is None
+
+
+def _pause_store_writes_after_publishing(app, redis_client, milliseconds: int) -> None:
+    """A Redis blip right after the broker's confirm: every write waits (CLIENT PAUSE WRITE)
+    longer than the store's 2 s socket timeout, so the request's next write fails."""
+    publisher = app.extensions["publisher"]
+    publish = publisher.publish
+
+    def publish_then_blip(*args, **kwargs):
+        publish(*args, **kwargs)
+        publisher.publish = publish  # once
+        redis_client.execute_command("CLIENT", "PAUSE", str(milliseconds), "WRITE")
+
+    publisher.publish = publish_then_blip
+
+
+def _submit(client, key: str, body: dict):
+    return client.post("/jobs", json=body, headers={**AUTH, "Idempotency-Key": key})
+
+
+def _retry_until_not_409(client, key: str, body: dict, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        response = _submit(client, key, body)
+        if response.status_code != 409 or time.monotonic() > deadline:
+            return response
+        assert response.headers["Retry-After"] == "1"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def quick_app(rabbit, redis_node, redis_client, amqp):
+    """PUBLISH_TIMEOUT_SECONDS 0.5: a request is over within about 6 s of taking its key."""
+    application = create_app(make_settings(rabbit.url, redis_node.url, publish_timeout_seconds=0.5))
+    assert application.extensions["publisher"].wait_ready(15)
+    yield application
+    application.extensions["publisher"].stop()
+
+
+def test_idempotency_holds_when_the_confirm_write_fails_and_a_worker_has_the_job(
+        quick_app, rabbit, redis_node, redis_client, amqp, start_worker):
+    """Redis blips after the broker confirmed: the key stays pending. Once a worker has started
+    the job, a retry with the same key and body is answered with that job at once."""
+    start_worker(rabbit.url, redis_node.url)
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 1}}
+    _pause_store_writes_after_publishing(quick_app, redis_client, 2500)
+    first = _submit(client, "blip-1", body)
+    assert first.status_code == 202  # accepted: the confirm came before the blip
+    again = _retry_until_not_409(client, "blip-1", body, timeout=5)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.slow
+def test_idempotency_holds_when_the_confirm_write_fails_and_no_worker_runs(
+        quick_app, rabbit, redis_node, redis_client, amqp, start_worker):
+    """As above with no worker: within the window a retry is 409 (the first request may still be
+    in flight); after it, the retry completes the first request's job (same id; its message is
+    published again), never a second job. A worker then runs that job once."""
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 2}}
+    _pause_store_writes_after_publishing(quick_app, redis_client, 2500)
+    first = _submit(client, "blip-2", body)
+    assert first.status_code == 202
+    job_id = first.get_json()["id"]
+    assert _submit(client, "blip-2", body).status_code == 409
+    again = _retry_until_not_409(client, "blip-2", body, timeout=15)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == job_id
+    assert _submit(client, "blip-2", body).get_json()["id"] == job_id  # and from now on, confirmed
+    # Two messages, one job (no other was ever recorded). Not read here: that would make them redeliveries.
+    assert queue_depth(amqp, topology.QUEUE) == 2
+    assert [key.decode() for key in redis_client.keys("job:*")] == [f"job:{job_id}"]
+    worker = start_worker(rabbit.url, redis_node.url)
+    record = JobStore.from_url(redis_node.url)
+    deadline = time.monotonic() + 20
+    while (job := record.get(job_id))["status"] != "succeeded" or queue_depth(amqp, topology.QUEUE):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    assert job["attempts"] == 1
+    assert worker.proc.process.poll() is None
+
+
+class _HoldingPops(dict):
+    """Stands in for the publisher's pending-confirm table: while `hold` is clear, the loop thread
+    matching a confirm waits, so the request sees its message written but never confirmed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.hold = threading.Event()
+
+    def pop(self, *args):
+        assert self.hold.wait(30)
+        return super().pop(*args)
+
+
+def test_a_retry_after_an_ambiguous_503_gets_the_same_job(quick_app, redis_client, amqp):
+    """The confirm does not come within the timeout although the message was written: 503, and the
+    job may run. The key is kept, so a retry with it gets that job, not a second one."""
+    publisher = quick_app.extensions["publisher"]
+    pending = publisher._pending = _HoldingPops(publisher._pending)
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 3}}
+    try:
+        assert _submit(client, "amb-1", body).status_code == 503
+    finally:
+        pending.hold.set()
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.QUEUE) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued = amqp.basic_get(topology.QUEUE, auto_ack=False)[1].message_id
+    amqp.basic_nack(0, multiple=True, requeue=True)
+    again = _retry_until_not_409(client, "amb-1", body, timeout=15)
+    assert again.status_code == 202, again.get_json()
+    assert again.get_json()["id"] == queued

@@ -313,3 +313,68 @@ def test_an_outcome_for_a_vanished_record_rebuilds_it(store, redis_client):
     redis_client.delete(store.job_key(job.id))
     assert store.fail(job.id, "x") == "missing"  # without its identity nothing half-made is written
     assert store.get(job.id) is None
+
+
+def test_a_second_copy_of_a_running_jobs_message_does_not_run(rabbit, redis_node, store, amqp, start_worker):
+    """Two messages of one job (main-app published it again for an idempotent retry): the copy
+    delivered while the job runs is acked without running; a redelivery would still run."""
+    worker = start_worker(rabbit.url, redis_node.url)
+    job = new_job(store, "sleep", {"seconds": 3})
+    publish(amqp, job)
+    wait_status(store, job.id, {"running"})
+    publish(amqp, job)  # the second copy, delivered while the first runs
+    record = wait_status(store, job.id, {"succeeded"})
+    assert record["attempts"] == 1
+    deadline = time.monotonic() + 10
+    while queue_depth(amqp, topology.QUEUE) or metric(worker.url, "jobs_worker_jobs_processed_total") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert 'outcome="skipped",type="sleep"} 1.0' in requests.get(f"{worker.url}/metrics", timeout=5).text
+
+
+def test_past_the_redelivery_limit_a_job_that_already_succeeded_is_not_counted_failed(
+        rabbit, redis_node, store, amqp, start_worker):
+    """A message redelivered MAX_REDELIVERIES times whose job has an outcome already (its worker died
+    after recording it, before the ack) is acked as skipped: not failed, not dead-lettered."""
+    worker = start_worker(rabbit.url, redis_node.url, MAX_REDELIVERIES="3")
+    job = new_job(store, "echo", {})
+    store.succeed(job.id, {"done": True})
+    body, properties = job.encode()
+    properties.headers["x-delivery-count"] = 3
+    amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties)
+    deadline = time.monotonic() + 10
+    while metric(worker.url, "jobs_worker_jobs_processed_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = requests.get(f"{worker.url}/metrics", timeout=5).text
+    assert 'jobs_worker_jobs_processed_total{outcome="skipped",type="echo"} 1.0' in text
+    assert 'jobs_worker_jobs_processed_total{outcome="failed",type="echo"} 0.0' in text
+    assert metric(worker.url, "jobs_worker_dead_lettered_total") == 0
+    assert store.get(job.id)["status"] == "succeeded"
+    while queue_depth(amqp, topology.QUEUE):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 0
+
+
+def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
+    """Requeueing uses basic.reject: from RabbitMQ 4.3 a requeueing basic.nack no longer raises a
+    quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
+    (The 3.10 broker of these tests counts both, so this is pinned at the call.)"""
+    from service_app.config import Settings
+    from service_app.worker import Settle, Worker
+
+    class Channel:
+        is_open = True
+
+        def __init__(self):
+            self.calls = []
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+    worker = Worker(Settings.from_env(), store)
+    channel = worker._channel = Channel()
+    worker._generation, worker._unsettled, worker._outstanding = 1, {1: 1}, {7}
+    assert worker._settle(1, 7, new_job(store, "echo", {}), Settle("requeue")) is False
+    assert channel.calls == [("basic_reject", (7,), {"requeue": True})]

@@ -150,3 +150,33 @@ def test_published_request_schema_agrees_with_the_validator():
         except ValidationFailed:
             accepted = False
         assert schema.is_valid(document) == accepted, document
+
+
+def test_max_nesting_is_what_orjson_can_write():
+    import orjson
+
+    from jobs_contract.catalog import MAX_NESTING
+
+    def nested(depth: int):
+        value: list = []
+        for _ in range(depth - 1):
+            value = [value]
+        return value
+
+    orjson.dumps(nested(MAX_NESTING))
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(nested(MAX_NESTING + 1))
+
+
+def test_nesting_deeper_than_orjson_writes_is_invalid():
+    from jobs_contract.catalog import MAX_NESTING
+
+    deep: dict = {}
+    for _ in range(MAX_NESTING - 2):  # the document is the payload plus one level
+        deep = {"a": deep}
+    assert validator.validate({"type": "echo", "payload": deep})[0] == "echo"
+    with pytest.raises(ValidationFailed) as info:
+        validator.validate({"type": "echo", "payload": {"b": deep}})
+    assert info.value.field == "/payload" and f"deeper than {MAX_NESTING}" in info.value.message
+    with pytest.raises(ValidationFailed):  # the worker checks messages the same way
+        validator.validate_payload("echo", {"b": deep})

@@ -1,0 +1,169 @@
+"""main-app's publisher against a real RabbitMQ: reconnects, wake-ups, readiness, resources.
+
+Thread interleavings are driven with events, never by sleeping: the request thread is
+held at a chosen point while the test replaces the connection under it.
+"""
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import pika
+import pika.frame
+import pytest
+from pika.spec import Basic
+from test_api import AUTH, make_settings
+
+from jobs_contract import topology
+from main_app import broker
+from main_app.api import create_app
+from main_app.broker import BrokerUnavailable, Publisher
+
+
+def publish(publisher: Publisher, timeout: float = 3.0) -> None:
+    properties = pika.BasicProperties(delivery_mode=2, message_id="m")
+    publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties, timeout=timeout)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def reconnect(rabbit, publisher: Publisher):
+    """Have the broker close every connection; return once the publisher is ready on a new one."""
+    old = publisher._connection
+    rabbit.ctl("close_all_connections", "test: connection replaced")
+    wait_until(lambda: publisher._connection is not old and publisher._ready.is_set(), 30,
+               "the publisher did not reconnect")
+    return old
+
+
+class HoldingEvent(threading.Event):
+    """Stands in for the publisher's readiness flag: the first is_set() made by the thread
+    named `holds` waits there until released, as if that thread were descheduled."""
+
+    def __init__(self, holds: str):
+        super().__init__()
+        self.holds = holds
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def is_set(self) -> bool:
+        if threading.current_thread().name == self.holds and not self.held.is_set():
+            self.held.set()
+            assert self.release.wait(30)
+        return super().is_set()
+
+
+@pytest.fixture
+def publisher(rabbit):
+    started = Publisher(rabbit.url).start()
+    assert started.wait_ready(15)
+    yield started
+    started.stop()
+
+
+@pytest.mark.parametrize("rescue", ["backstop drain", "next request"])
+def test_a_wake_up_sent_to_a_dead_connection_does_not_stop_publishing(rabbit, publisher, monkeypatch, rescue):
+    """A request thread reads the connection, is descheduled while that connection dies and the
+    next one connects, then wakes the dead connection's loop. Publishing must go on: its own
+    message is published on the new connection by the loop's periodic drain, or by the next
+    request's wake-up (which must not be suppressed by the lost one), and so is every later one."""
+    if rescue == "next request":  # only the wake-up tied to its connection can help
+        monkeypatch.setattr(broker, "BACKSTOP_DRAIN_SECONDS", 3600, raising=False)
+    holding = HoldingEvent(holds="request")
+    holding.set()
+    publisher._ready = holding
+    outcome: Future = Future()
+
+    def request() -> None:
+        try:
+            publish(publisher, timeout=3.0)
+            outcome.set_result("published")
+        except BrokerUnavailable as exc:
+            outcome.set_result(f"503: {exc}")
+
+    thread = threading.Thread(target=request, name="request")
+    thread.start()
+    assert holding.held.wait(10), "the request thread never reached the readiness check"
+    old = reconnect(rabbit, publisher)  # the request thread still holds the old connection
+    woke_old_loop = threading.Event()
+    wake = old.ioloop.add_callback_threadsafe
+
+    def spy(callback):
+        try:
+            return wake(callback)
+        finally:
+            woke_old_loop.set()
+
+    old.ioloop.add_callback_threadsafe = spy
+    holding.release.set()
+    assert woke_old_loop.wait(10), "the request thread did not wake the dead connection's loop"
+    if rescue == "backstop drain":
+        thread.join(10)  # nothing else wakes the new loop meanwhile
+        assert outcome.result(0) == "published"
+    for _ in range(3):
+        started = time.monotonic()
+        publish(publisher, timeout=2.0)
+        assert time.monotonic() - started < 1.0
+    thread.join(10)
+    assert outcome.result(0) == "published"
+
+
+def test_readiness_fails_while_the_publisher_is_not_publishing(rabbit, redis_node, redis_client, amqp):
+    """Messages waiting in the outbox that the I/O loop does not take within the publish
+    timeout make /readyz fail, whatever the connection state says."""
+    app = create_app(make_settings(rabbit.url, redis_node.url, publish_timeout_seconds=0.5))
+    publisher = app.extensions["publisher"]
+    client = app.test_client()
+    loop_free = threading.Event()
+    try:
+        assert publisher.wait_ready(15)
+        assert client.get("/readyz").status_code == 200
+        publisher._connection.ioloop.add_callback_threadsafe(lambda: loop_free.wait(30))  # the loop hangs
+        answers: list[int] = []
+        submit = threading.Thread(target=lambda: answers.append(
+            app.test_client().post("/jobs", json={"type": "echo"}, headers=AUTH).status_code))
+        submit.start()
+        wait_until(lambda: client.get("/readyz").status_code == 503, 10,
+                   "/readyz stayed ready while nothing was published")
+        assert client.get("/readyz").get_json()["checks"]["broker"] is False
+        submit.join(10)
+        assert answers == [503]
+        loop_free.set()
+        wait_until(lambda: client.get("/readyz").status_code == 200, 10, "/readyz did not recover")
+        assert client.post("/jobs", json={"type": "echo"}, headers=AUTH).status_code == 202
+    finally:
+        loop_free.set()
+        publisher.stop()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_each_connection_loop_is_closed(rabbit, publisher):
+    """Every reconnect makes a new pika I/O loop (a poller and a socket pair); the old one is
+    closed, not left to the garbage collector."""
+    old_connections = [reconnect(rabbit, publisher)]  # kept referenced: only an explicit close frees them
+    before = _open_fds()
+    for _ in range(3):
+        old_connections.append(reconnect(rabbit, publisher))
+    publish(publisher)
+    assert _open_fds() <= before, f"{_open_fds() - before} descriptors more after 3 reconnects"
+
+
+def test_a_returned_then_nacked_message_is_forgotten(rabbit):
+    publisher = Publisher(rabbit.url)  # not started: its loop-thread methods are driven directly
+    future: Future = Future()
+    future.set_running_or_notify_cancel()
+    publisher._pending[1] = (future, "m-1")
+    publisher._on_return(None, None, pika.BasicProperties(message_id="m-1"), b"")
+    publisher._on_confirm(pika.frame.Method(1, Basic.Nack(delivery_tag=1)))
+    with pytest.raises(BrokerUnavailable, match="nack"):
+        future.result(0)
+    assert publisher._returned == set()
