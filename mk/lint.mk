@@ -9,7 +9,6 @@
 # check-jsonschema, pytest) and .tools/lint-checkov. A fresh Debian 12 machine needs
 # only python3 (with venv), make and git; the wheels carry the binaries.
 
-LINT_PYTHON ?= python3
 LINT_VENV ?= .tools/lint
 LINT_CHECKOV_VENV ?= .tools/lint-checkov
 LINT_LOCKS := .github/tools
@@ -23,21 +22,11 @@ LINT_OWN_TARGETS := lint-python lint-yaml lint-actions lint-ci-tests lint-tools 
 LINT_TOPIC_TARGETS := $(filter-out $(LINT_OWN_TARGETS),$(sort $(shell \
   sed -n 's/^\(lint-[A-Za-z0-9_-]*\):.*/\1/p' $(wildcard mk/*.mk))))
 
-# $(call lint-venv,VENV,LOCKFILE): a fresh venv with exactly the locked wheels.
-define lint-venv
-	@$(LINT_PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
-	  echo "error: $(LINT_PYTHON) with the venv module is needed; on Debian: apt-get install python3-venv" >&2; exit 1; }
-	rm -rf $(1)
-	$(LINT_PYTHON) -m venv $(1)
-	$(1)/bin/pip install --quiet --disable-pip-version-check --require-hashes --no-deps --only-binary=:all: -r $(2)
-	@touch $(1)/.installed
-endef
-
 $(LINT_VENV)/.installed: $(LINT_LOCKS)/requirements-lint.txt
-	$(call lint-venv,$(LINT_VENV),$<)
+	$(call python-venv,$(LINT_VENV),$<,--require-hashes --no-deps --only-binary=:all:)
 
 $(LINT_CHECKOV_VENV)/.installed: $(LINT_LOCKS)/requirements-checkov.txt
-	$(call lint-venv,$(LINT_CHECKOV_VENV),$<)
+	$(call python-venv,$(LINT_CHECKOV_VENV),$<,--require-hashes --no-deps --only-binary=:all:)
 
 ##@ Lint and CI
 
@@ -78,10 +67,5 @@ lint-ci-tests: $(LINT_VENV)/.installed ## tests/ci: workflows call existing make
 # The locks must install on Debian 12's Python 3.11.2: cap in the .in file any package
 # whose newer releases need a later Python (see requirements-checkov.in).
 lint-lock: ## Re-resolve the lint tools' hash-locked requirements from .github/tools/*.in (needs PyPI)
-	$(LINT_PYTHON) -m venv .tools/pip-tools
-	.tools/pip-tools/bin/pip install --quiet --disable-pip-version-check 'pip-tools==7.6.2'
-	for in in $(LINT_LOCKS)/requirements-lint.in $(LINT_LOCKS)/requirements-checkov.in; do \
-	  PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= \
-	  .tools/pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
-	    --no-emit-index-url --no-emit-find-links --output-file "$${in%.in}.txt" "$$in"; \
-	done
+	$(call pip-compile,$(LINT_LOCKS)/requirements-lint.in,$(LINT_LOCKS)/requirements-lint.txt)
+	$(call pip-compile,$(LINT_LOCKS)/requirements-checkov.in,$(LINT_LOCKS)/requirements-checkov.txt)

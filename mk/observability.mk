@@ -22,34 +22,18 @@ DEMO_ARGS ?=
 ##@ Observability
 
 $(OBS_TOOLS_STAMP): loadtest/requirements.txt
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11+" >&2; exit 1; }
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "error: Python's venv module is missing; on Debian: apt-get install python3-venv" >&2; exit 1; }
-	rm -rf $(OBS_TOOLS_VENV)
-	$(PYTHON) -m venv $(OBS_TOOLS_VENV)
-	$(OBS_TOOLS_BIN)/pip install --quiet --upgrade pip==25.3
-	$(OBS_TOOLS_BIN)/pip install --quiet --require-hashes -r loadtest/requirements.txt
-	@touch $@
+	$(call python-venv,$(OBS_TOOLS_VENV),loadtest/requirements.txt,--require-hashes)
 
 .PHONY: loadtest-tools
 loadtest-tools: $(OBS_TOOLS_STAMP) ## Install Locust and matplotlib (hash-pinned) in .tools/locust
 
 .PHONY: loadtest-lock
 loadtest-lock: ## Re-resolve loadtest/requirements.txt from loadtest/requirements.in (needs PyPI)
-	$(PYTHON) -m venv .tools/pip-tools && .tools/pip-tools/bin/pip install --quiet pip-tools==7.6.2
-	PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= .tools/pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
-	  --strip-extras --no-emit-index-url --no-emit-find-links -o loadtest/requirements.txt loadtest/requirements.in
+	$(call pip-compile,loadtest/requirements.in,loadtest/requirements.txt)
 
 .PHONY: prometheus-server
 prometheus-server: ## Ensure Debian's prometheus (server and promtool) is installed; the system service is not used
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian package prometheus (no recommends)"; \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
-	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
-	  else \
-	    echo "error: prometheus/promtool not installed: sudo apt-get install --no-install-recommends prometheus" >&2; exit 127; \
-	  fi; \
-	fi
+	$(call debian-package,prometheus,prometheus promtool)
 
 .PHONY: test-observability
 test-observability: venv services-deps k8s-tools prometheus-server loadtest-tools ## Autoscaling signals on a real Prometheus, HPA algorithm, Locust smoke (~6 min)
