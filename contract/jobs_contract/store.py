@@ -258,11 +258,9 @@ class JobStore:
         """What an outcome needs to rebuild a record that is gone."""
         return {"id": job_id, "client": client, "type": job_type, "created_at": created_at, "attempts": attempts}
 
-    def succeed(self, job_id: str, result: Any, identity: dict[str, Any] | None = None,
-                encoded_result: bytes | None = None) -> str:
-        """Record success; pass encoded_result when the caller has serialised the result already."""
-        encoded = encoded_result if encoded_result is not None else orjson.dumps(result)
-        return self._finish_with("succeeded", job_id, identity, result=encoded, error="", finished_at=utcnow())
+    def succeed(self, job_id: str, result_json: bytes, identity: dict[str, Any] | None = None) -> str:
+        """Record success with the job's result, already JSON-encoded (the worker encodes it once)."""
+        return self._finish_with("succeeded", job_id, identity, result=result_json, error="", finished_at=utcnow())
 
     def fail(self, job_id: str, error: str, identity: dict[str, Any] | None = None) -> str:
         return self._finish_with("failed", job_id, identity, error=error, finished_at=utcnow())

@@ -16,7 +16,6 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import NamedTuple
@@ -55,15 +54,13 @@ class _Outgoing(NamedTuple):
 
 
 class Publisher:
-    def __init__(self, url: str, declare_topology: bool = True, on_reconnect: Callable[[], None] | None = None,
-                 stall_seconds: float = 5.0):
+    def __init__(self, url: str, declare_topology: bool = True, stall_seconds: float = 5.0):
         self._parameters = pika.URLParameters(url)
         # During a resource alarm the broker stops reading: stop publishing at once (see
         # _on_blocked) and give the connection up if the alarm outlasts this.
         if self._parameters.blocked_connection_timeout is None:
             self._parameters.blocked_connection_timeout = 60
         self._declare_topology = declare_topology
-        self._on_reconnect = on_reconnect
         self._connection: SelectConnection | None = None
         self._channel = None
         self._pending: dict[int, tuple[Future, str | None]] = {}
@@ -77,7 +74,6 @@ class Publisher:
         # A message waiting longer than this for the loop means the publisher is not publishing.
         self._stall_seconds = stall_seconds
         self._ready = threading.Event()
-        self._blocked = False
         self._stopping = threading.Event()
         self._connected_once = False
         self._thread = threading.Thread(target=self._run, name="rabbitmq-publisher", daemon=True)
@@ -193,13 +189,11 @@ class Publisher:
     def _on_blocked(self, _connection, frame) -> None:
         # The broker has raised a memory or disk alarm and stopped reading from
         # publishers: answer 503 at once instead of queueing requests in memory.
-        self._blocked = True
         self._ready.clear()
         log.warning("RabbitMQ blocked publishing (%s); answering 503 until it is lifted",
                     getattr(frame.method, "reason", "resource alarm"))
 
     def _on_unblocked(self, _connection, _frame) -> None:
-        self._blocked = False
         if self._channel is not None and self._channel.is_open:
             self._ready.set()
             log.info("RabbitMQ unblocked publishing")
@@ -224,13 +218,10 @@ class Publisher:
     def _on_confirm_mode(self, _frame) -> None:
         self._delivery_tag = 0
         self._connected_once = True
-        self._blocked = False
         self._publish_outbox()
         self._drain_periodically(self._connection)
         self._ready.set()
         log.info("connected to RabbitMQ, publishing with confirms")
-        if self._on_reconnect is not None:
-            self._on_reconnect()
 
     def _on_channel_closed(self, channel, reason: Exception) -> None:
         self._ready.clear()

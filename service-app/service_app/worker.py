@@ -387,7 +387,7 @@ class Worker:
 
         identity = _identity(job)
         if outcome == "succeeded":
-            self._record(self.store.succeed, job.id, result, identity=identity, encoded_result=encoded)
+            self._record(self.store.succeed, job.id, encoded, identity=identity)
             self._observe_final(job, outcome)
             return Settle("ack")
         # The error text goes to the job record (its client reads it), never to the logs:

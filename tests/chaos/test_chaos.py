@@ -430,11 +430,11 @@ def test_duplicate_completion_detector(redis_node, redis_client):
         first.create(job_id, "c", "echo", "t")
     first.begin(twice, "c", "echo", "t")
     second.begin(twice, "c", "echo", "t")  # a redelivery while the first run still runs
-    first.succeed(twice, 1)
+    first.succeed(twice, b"1")
     second.fail(twice, "late")  # must not change the outcome
     first.begin(retried, "c", "echo", "t")
-    first.succeed(retried, 1)
-    second.succeed(retried, 1)  # the same run's write again, on another connection
+    first.succeed(retried, b"1")
+    second.succeed(retried, b"1")  # the same run's write again, on another connection
     row = Row("detector")
     outcomes = [Outcome(0, 202, twice, 0.0), Outcome(1, 202, retried, 0.0)]
     accounting = account(row, outcomes, redis_node.url, timeout=5, watcher=watcher)

@@ -307,7 +307,7 @@ def test_a_result_that_is_not_json_fails_the_attempt(rabbit, redis_node, store, 
 def test_an_outcome_for_a_vanished_record_rebuilds_it(store, redis_client):
     job = new_job(store, "echo", {})
     redis_client.delete(store.job_key(job.id))  # e.g. a Redis failover between begin and finish
-    store.succeed(job.id, {"ok": True}, identity=store.identity(job.id, job.client, job.type, job.created_at))
+    store.succeed(job.id, b'{"ok":true}', identity=store.identity(job.id, job.client, job.type, job.created_at))
     record = store.get(job.id)
     assert record["status"] == "succeeded" and record["client"] == job.client and record["type"] == "echo"
     redis_client.delete(store.job_key(job.id))
@@ -338,7 +338,7 @@ def test_past_the_redelivery_limit_a_job_that_already_succeeded_is_not_counted_f
     after recording it, before the ack) is acked as skipped: not failed, not dead-lettered."""
     worker = start_worker(rabbit.url, redis_node.url, MAX_REDELIVERIES="3")
     job = new_job(store, "echo", {})
-    store.succeed(job.id, {"done": True})
+    store.succeed(job.id, b'{"done":true}')
     body, properties = job.encode()
     properties.headers["x-delivery-count"] = 3
     amqp.basic_publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties)
