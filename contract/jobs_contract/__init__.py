@@ -6,7 +6,7 @@ disagree about any of them.
 """
 
 from jobs_contract.catalog import JOB_TYPES, Limits, ValidationFailed
-from jobs_contract.message import SCHEMA_VERSION, JobMessage, PoisonMessage
+from jobs_contract.message import SCHEMA_VERSION, DeadLetterReason, JobMessage, PoisonMessage
 from jobs_contract.store import FINAL_STATUSES, STATUSES, JobStore
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "JobMessage",
     "JobStore",
     "Limits",
+    "DeadLetterReason",
     "PoisonMessage",
     "ValidationFailed",
 ]

@@ -2,6 +2,7 @@
 
 import time
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -17,10 +18,22 @@ HEADER_ENQUEUED_AT = "x-enqueued-at"
 HEADER_DELIVERY_COUNT = "x-delivery-count"
 
 
+class DeadLetterReason(StrEnum):
+    """Why a message went to the dead-letter queue (the label of jobs_worker_dead_lettered_total)."""
+
+    MAX_ATTEMPTS = "max_attempts"  # the job failed its last attempt
+    REDELIVERY_LIMIT = "redelivery_limit"  # delivered too often without an outcome (a crash loop)
+    UNPARSEABLE = "unparseable"  # the body is not a JSON object
+    MALFORMED = "malformed"  # a field is missing or of the wrong type
+    SCHEMA_VERSION = "schema_version"  # written by a newer contract
+    UNKNOWN_TYPE = "unknown_type"  # no handler for the job type
+    INVALID_PAYLOAD = "invalid_payload"  # the payload fails the type's schema
+
+
 class PoisonMessage(ValueError):
     """A message that can never be processed: it goes straight to the dead-letter queue."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: DeadLetterReason, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -76,13 +89,13 @@ class JobMessage:
         headers = properties.headers or {}
         version = headers.get(HEADER_SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
-            raise PoisonMessage("schema_version", f"unsupported schema version {version!r}")
+            raise PoisonMessage(DeadLetterReason.SCHEMA_VERSION, f"unsupported schema version {version!r}")
         try:
             document = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise PoisonMessage("unparseable", str(exc)) from None
+            raise PoisonMessage(DeadLetterReason.UNPARSEABLE, str(exc)) from None
         if not isinstance(document, dict):
-            raise PoisonMessage("unparseable", "body is not a JSON object")
+            raise PoisonMessage(DeadLetterReason.UNPARSEABLE, "body is not a JSON object")
         try:
             job = cls(
                 id=_str(document, "id"),
@@ -95,11 +108,11 @@ class JobMessage:
                 delivery_count=int(headers.get(HEADER_DELIVERY_COUNT, 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise PoisonMessage("malformed", f"bad or missing field: {exc}") from None
+            raise PoisonMessage(DeadLetterReason.MALFORMED, f"bad or missing field: {exc}") from None
         if not isinstance(job.payload, dict):
-            raise PoisonMessage("malformed", "payload is not a JSON object")
+            raise PoisonMessage(DeadLetterReason.MALFORMED, "payload is not a JSON object")
         if document.get("v") != SCHEMA_VERSION:
-            raise PoisonMessage("schema_version", f"unsupported body version {document.get('v')!r}")
+            raise PoisonMessage(DeadLetterReason.SCHEMA_VERSION, f"unsupported body version {document.get('v')!r}")
         return job
 
 

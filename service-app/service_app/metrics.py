@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from jobs_contract import DeadLetterReason
+
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -24,8 +26,6 @@ RETRY_PUBLISH_ERRORS = Counter("jobs_worker_retry_publish_errors_total",
                                "Retry copies the broker did not confirm (alarm, unroutable, nack); tried again")
 
 OUTCOMES = ("succeeded", "failed", "retried", "skipped")
-DEAD_LETTER_REASONS = ("max_attempts", "redelivery_limit", "unparseable", "malformed", "schema_version",
-                       "unknown_type", "invalid_payload")
 
 
 def initialise(job_types) -> None:
@@ -34,5 +34,5 @@ def initialise(job_types) -> None:
         RETRIES.labels(job_type)
         for outcome in OUTCOMES:
             JOBS_PROCESSED.labels(job_type, outcome)
-    for reason in DEAD_LETTER_REASONS:
+    for reason in DeadLetterReason:
         DEAD_LETTERED.labels(reason)

@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from functools import partial
 
 import orjson
@@ -24,7 +25,7 @@ import pika
 import pika.exceptions
 import redis
 
-from jobs_contract import FINAL_STATUSES, JobMessage, JobStore, PoisonMessage, topology
+from jobs_contract import FINAL_STATUSES, DeadLetterReason, JobMessage, JobStore, PoisonMessage, topology
 from jobs_contract.catalog import RequestValidator, ValidationFailed
 from service_app import metrics
 from service_app.config import Settings
@@ -46,13 +47,20 @@ class ConsumerLost(pika.exceptions.AMQPError):
     """The broker closed the consume channel or cancelled the consumer: reconnect."""
 
 
+class SettleAction(StrEnum):
+    ACK = "ack"
+    RETRY = "retry"  # the job thread publishes the retry copy, then the original is acked
+    DEAD = "dead"  # rejected without requeue: the dead-letter exchange takes it
+    REQUEUE = "requeue"
+
+
 @dataclass(frozen=True)
 class Settle:
     """What to do with a message once its outcome is recorded."""
 
-    action: str  # "ack", "retry" (the job thread publishes the retry copy, then acks), "dead" or "requeue"
+    action: SettleAction
     delay_seconds: float = 0.0
-    reason: str = ""
+    reason: DeadLetterReason | None = None
 
 
 class Worker:
@@ -192,10 +200,10 @@ class Worker:
         try:
             job = replace(JobMessage.decode(body, properties), redelivered=bool(method.redelivered))
             if job.type not in HANDLERS:
-                raise PoisonMessage("unknown_type", f"no handler for job type {job.type!r}")
+                raise PoisonMessage(DeadLetterReason.UNKNOWN_TYPE, f"no handler for job type {job.type!r}")
             self.validator.validate_payload(job.type, job.payload)
         except (PoisonMessage, ValidationFailed) as exc:
-            reason = exc.reason if isinstance(exc, PoisonMessage) else "invalid_payload"
+            reason = exc.reason if isinstance(exc, PoisonMessage) else DeadLetterReason.INVALID_PAYLOAD
             if not isinstance(exc, PoisonMessage) or exc.reason == "unknown_type":
                 # A job main-app accepted (its limits or types differ from ours, e.g. during a
                 # rolling deploy): record why it failed, off this thread, then dead-letter it.
@@ -255,10 +263,11 @@ class Worker:
             current = generation == self._generation
         if not current or self._channel is None or not self._channel.is_open:
             return False  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
-        if settle.action == "ack":
+        if settle.action is SettleAction.ACK:
             return True
         self._outstanding.discard(delivery_tag)
-        if settle.action == "requeue":  # reject, not nack: a requeueing nack does not raise x-delivery-count (4.3)
+        # reject, not nack: a requeueing nack does not raise x-delivery-count (RabbitMQ 4.3)
+        if settle.action is SettleAction.REQUEUE:
             self._channel.basic_reject(delivery_tag, requeue=True)
         else:
             metrics.DEAD_LETTERED.labels(settle.reason).inc()
@@ -306,16 +315,17 @@ class Worker:
                 settle = self._fail_poison(job, *poison)
             elif not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
                 settle = self._run(job)
-            if settle is not None and settle.action == "retry":
+            if settle is not None and settle.action is SettleAction.RETRY:
                 # The original is acked only once its retry copy is confirmed.
-                settle = Settle("ack") if self._publish_retry(generation, job, settle.delay_seconds) else None
+                published = self._publish_retry(generation, job, settle.delay_seconds)
+                settle = Settle(SettleAction.ACK) if published else None
         except Abandoned:
             pass
         except Exception as exc:
             # A bug, not the job's failure: requeue; MAX_REDELIVERIES ends a loop of it.
             log.error("job %s: unexpected worker error (%s); requeued", job.id, type(exc).__name__,
                       exc_info=log.isEnabledFor(logging.DEBUG))
-            settle = Settle("requeue")
+            settle = Settle(SettleAction.REQUEUE)
         connection = self._connection
         if settle is None or connection is None:
             self._release(generation)
@@ -358,17 +368,17 @@ class Worker:
             recorded = self._record(self.store.get, job.id)
             if recorded is not None and recorded["status"] in FINAL_STATUSES:  # its worker died after recording it
                 metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
-                return Settle("ack")
+                return Settle(SettleAction.ACK)
             error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
                      f"each time); giving up")
             self._record(self.store.fail, job.id, error, identity=_identity(job))
             self._observe_final(job, "failed")
-            return Settle("dead", reason="redelivery_limit")
+            return Settle(SettleAction.DEAD, reason=DeadLetterReason.REDELIVERY_LIMIT)
 
         previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at, job.redelivered)
         if previous in FINAL_STATUSES or previous == "duplicate":
             metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
-            return Settle("ack")
+            return Settle(SettleAction.ACK)
 
         ctx = JobContext(job_id=job.id, attempt=job.attempt, max_attempts=settings.max_attempts)
         started = time.perf_counter()
@@ -389,7 +399,7 @@ class Worker:
         if outcome == "succeeded":
             self._record(self.store.succeed, job.id, encoded, identity=identity)
             self._observe_final(job, outcome)
-            return Settle("ack")
+            return Settle(SettleAction.ACK)
         # The error text goes to the job record (its client reads it), never to the logs:
         # it may quote the payload.
         error_type = error.split(":", 1)[0]
@@ -400,17 +410,17 @@ class Worker:
             self._record(self.store.retrying, job.id, error, identity=identity)
             metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
             metrics.RETRIES.labels(job.type).inc()
-            return Settle("retry", delay_seconds=delay)
+            return Settle(SettleAction.RETRY, delay_seconds=delay)
         log.warning("job %s failed after %d attempts (%s)", job.id, job.attempt, error_type)
         self._record(self.store.fail, job.id, error, identity=identity)
         self._observe_final(job, outcome)
-        return Settle("dead", reason="max_attempts")
+        return Settle(SettleAction.DEAD, reason=DeadLetterReason.MAX_ATTEMPTS)
 
-    def _fail_poison(self, job: JobMessage, reason: str, detail: str) -> Settle:
+    def _fail_poison(self, job: JobMessage, reason: DeadLetterReason, detail: str) -> Settle:
         log.error("job %s cannot run here (%s); failed and dead-lettered", job.id, reason)
         self._record(self.store.fail, job.id, detail[:2000], identity=_identity(job))
         metrics.JOBS_PROCESSED.labels(job.type if job.type in HANDLERS else "unknown", "failed").inc()
-        return Settle("dead", reason=reason)
+        return Settle(SettleAction.DEAD, reason=reason)
 
     def _record(self, operation, *args, **kwargs):
         """Run a store operation, retrying while Redis is unavailable: no message is settled

@@ -362,7 +362,7 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
     quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
     (The 3.10 broker of these tests counts both, so this is pinned at the call.)"""
     from service_app.config import Settings
-    from service_app.worker import Settle, Worker
+    from service_app.worker import Settle, SettleAction, Worker
 
     class Channel:
         is_open = True
@@ -376,5 +376,5 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
     worker = Worker(Settings.from_env(), store)
     channel = worker._channel = Channel()
     worker._generation, worker._unsettled, worker._outstanding = 1, {1: 1}, {7}
-    assert worker._settle(1, 7, new_job(store, "echo", {}), Settle("requeue")) is False
+    assert worker._settle(1, 7, new_job(store, "echo", {}), Settle(SettleAction.REQUEUE)) is False
     assert channel.calls == [("basic_reject", (7,), {"requeue": True})]
