@@ -36,7 +36,9 @@ for name in "${names[@]}"; do
       # Tilt embeds its web UI from pkg/assets/build, which only its release process fills; without
       # it, a release-stamped Tilt refuses to start. Build from a copy of its module with a minimal
       # page there (the module cache itself is read-only).
-      src=$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/tilt-dev/tilt)
+      # `go mod download` (not `go list -m`): on a cold module cache the source is not there yet.
+      src=$(cd "$mod" && go mod download -json github.com/tilt-dev/tilt | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+      [ -d "$src" ] || { echo "error: no source for github.com/tilt-dev/tilt in the module cache" >&2; exit 1; }
       rm -rf "$out.src" && cp -r "$src" "$out.src" && chmod -R u+w "$out.src"
       cp "$mod/web/index.html" "$out.src/pkg/assets/build/index.html"
       cp "$mod/go.mod" "$out.tmp/build.mod" && cp "$mod/go.sum" "$out.tmp/build.sum"
