@@ -18,14 +18,14 @@ TAG="${1:-${BASE_TAG:-jobs-local/python-base:bookworm}}"
 DOCKER="${DOCKER:-docker}"
 CACHE_DIR="${IMAGES_CACHE_DIR:-.cache/images}"
 SUITE=bookworm
-PACKAGES=python3,python3-venv,ca-certificates
+PACKAGES=python3,python3-venv
 
 log() { printf '[build-base] %s\n' "$*" >&2; }
 
 # The key changes when this script, the CA bundle or pip.conf change, so a base
 # built on another machine (other TLS interception) is not reused by mistake.
 key_inputs() {
-  cat "$0"
+  cat "$0" "$(dirname "$0")/debian-rootfs.sh"
   cat /etc/ssl/certs/ca-certificates.crt 2>/dev/null || true
   cat /etc/pip.conf 2>/dev/null || true
 }
@@ -60,52 +60,21 @@ if ! command -v debootstrap >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
 fi
 
-# Use the same Debian mirror as this machine's apt configuration (first URIs:
-# line of a deb822 source, else the first `deb` line), falling back to the
-# public default.
-mirror="${DEBIAN_MIRROR:-}"
-if [[ -z "$mirror" ]]; then
-  mirror="$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-             | awk '{print $2}' | grep -v -- '-security' | head -n1 || true)"
-fi
-if [[ -z "$mirror" ]]; then
-  mirror="$(grep -hsE '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -n1 || true)"
-fi
-mirror="${mirror:-http://deb.debian.org/debian}"
-security_mirror="${mirror%/debian}/debian-security"
+# debian_mirror, debootstrap_debian (shared with k8s/sandbox/images/build.sh)
+# shellcheck source=debian-rootfs.sh
+source "$(dirname "$0")/debian-rootfs.sh"
+mirror="$(debian_mirror)"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/python-base.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 rootfs="$work/rootfs"
 
 log "debootstrap $SUITE from $mirror (this takes a few minutes)"
-debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$mirror" \
-  >"$work/debootstrap.log" 2>&1 || { tail -n 40 "$work/debootstrap.log" >&2; exit 1; }
-
-# apt sources like the official Debian images, so `apt-get install` works in builds.
-cat >"$rootfs/etc/apt/sources.list" <<SOURCES
-deb $mirror $SUITE main
-deb $mirror $SUITE-updates main
-deb $security_mirror $SUITE-security main
-SOURCES
-# Keep images small, like the official images do.
-cat >"$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
-DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
-APT
-printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n' \
-  >"$rootfs/etc/apt/apt.conf.d/docker-no-recommends"
+debootstrap_debian "$SUITE" "$rootfs" "$mirror" "$work/debootstrap.log" "$PACKAGES" || exit 1
 
 # This machine's CA certificates (dereferenced) and pip configuration.
 tar -C /etc/ssl -chf - certs 2>/dev/null | tar -C "$rootfs/etc/ssl" -xf -
 if [[ -f /etc/pip.conf ]]; then cp /etc/pip.conf "$rootfs/etc/pip.conf"; fi
-
-# Trim what a container never uses.
-rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/log/*.log \
-       "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
-       "$rootfs"/usr/share/locale/* "$rootfs"/tmp/* "$rootfs"/var/tmp/*
-: >"$rootfs/etc/machine-id"
 
 log "importing $TAG"
 tar -C "$rootfs" --numeric-owner -cf - . | "$DOCKER" import \

@@ -96,50 +96,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Bases
 
-# This machine's Debian mirror (as scripts/images/build-base.sh finds it).
-debian_mirror() {
-  local m="${DEBIAN_MIRROR:-}"
-  [[ -n "$m" ]] || m="$(grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null \
-                          | awk '{print $2}' | grep -v -- '-security' | head -n1 || true)"
-  [[ -n "$m" ]] || m="$(grep -hsE '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -n1 || true)"
-  printf '%s' "${m:-http://deb.debian.org/debian}"
-}
-
-# debootstrap SUITE (minbase + ca-certificates) into ROOTFS, configured like Debian's official
-# slim images (apt sources, no recommends, no docs/man/locales, apt cache cleaned after installs,
-# services never started by package scripts).
-debootstrap_debian() {
-  local suite=$1 rootfs=$2 mirror=$3 logf=$4
-  debootstrap --variant=minbase --include=ca-certificates "$suite" "$rootfs" "$mirror" >"$logf" 2>&1 \
-    || { tail -n 40 "$logf" >&2; return 1; }
-  cat >"$rootfs/etc/apt/sources.list" <<SOURCES
-deb $mirror $suite main
-deb $mirror $suite-updates main
-deb ${mirror%/debian}/debian-security $suite-security main
-SOURCES
-  cat >"$rootfs/etc/apt/apt.conf.d/docker-clean" <<'APT'
-DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
-APT
-  printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n' \
-    >"$rootfs/etc/apt/apt.conf.d/docker-no-recommends"
-  cat >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-excludes" <<'DPKG'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/lintian/*
-path-exclude /usr/share/locale/*
-DPKG
-  printf '#!/bin/sh\n# no services in image builds\nexit 101\n' >"$rootfs/usr/sbin/policy-rc.d"
-  chmod 0755 "$rootfs/usr/sbin/policy-rc.d"
-  find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete 2>/dev/null || true
-  rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/* "$rootfs"/var/log/*.log \
-         "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/* \
-         "$rootfs"/tmp/* "$rootfs"/var/tmp/*
-  : >"$rootfs/etc/machine-id"
-}
+# debian_mirror, debootstrap_debian (shared with scripts/images/build-base.sh)
+# shellcheck source=../../../scripts/images/debian-rootfs.sh
+source "$repo/scripts/images/debian-rootfs.sh"
 
 # Ensure sandbox-base/debian:SUITE is in the engine: engine (same key) -> cached tarball ->
 # debootstrap (about 1 minute). Prints the key.
