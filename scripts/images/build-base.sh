@@ -61,7 +61,7 @@ if ! command -v debootstrap >/dev/null; then
 fi
 
 # debian_mirror, debootstrap_debian (shared with k8s/sandbox/images/build.sh)
-# shellcheck source=debian-rootfs.sh
+# shellcheck source=scripts/images/debian-rootfs.sh
 source "$(dirname "$0")/debian-rootfs.sh"
 mirror="$(debian_mirror)"
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/images/build-base.sh and k8s/sandbox/images/build.sh (source it):
 # a Debian root filesystem made with debootstrap, configured like Debian's official slim
 # images, for bases built on a machine that reaches no image registry.

@@ -97,7 +97,7 @@ fi
 # Bases
 
 # debian_mirror, debootstrap_debian (shared with scripts/images/build-base.sh)
-# shellcheck source=../../../scripts/images/debian-rootfs.sh
+# shellcheck source=scripts/images/debian-rootfs.sh
 source "$repo/scripts/images/debian-rootfs.sh"
 
 # Ensure sandbox-base/debian:SUITE is in the engine: engine (same key) -> cached tarball ->
