@@ -13,7 +13,6 @@ leaves messages waiting is not ready (`ready`), whatever its connection says.
 
 import collections
 import logging
-import random
 import threading
 import time
 from concurrent.futures import Future
@@ -25,6 +24,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.spec import Basic
 
 from jobs_contract import topology
+from jobs_contract.backoff import reconnect_delay
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ class Publisher:
                 failures = 0
                 self._connected_once = False
             failures += 1
-            delay = min(10.0, 0.25 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-            self._stopping.wait(delay)
+            self._stopping.wait(reconnect_delay(failures))
 
     def _declare(self) -> None:
         connection = pika.BlockingConnection(self._parameters)

@@ -12,7 +12,6 @@ on a second connection (retry_publisher.py), so a broker that blocks publishers
 import collections
 import ctypes
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import pika.exceptions
 import redis
 
 from jobs_contract import FINAL_STATUSES, DeadLetterReason, JobMessage, JobStore, PoisonMessage, topology
+from jobs_contract.backoff import compute_backoff, reconnect_delay
 from jobs_contract.catalog import RequestValidator, ValidationFailed
 from service_app import metrics
 from service_app.config import Settings
@@ -127,7 +127,7 @@ class Worker:
                 if self.stopping.is_set():
                     break
                 failures += 1
-                delay = min(10.0, 0.25 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+                delay = reconnect_delay(failures)
                 log.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", exc or type(exc).__name__, delay)
                 self._close_quietly()
                 self._wait(delay)
@@ -349,17 +349,18 @@ class Worker:
         body, properties = job.next_attempt().encode()
         properties.expiration = str(max(1, int(delay_seconds * 1000)))
         tier = str(topology.delay_tier_ms(delay_seconds))
-        pause = 0.1
+        refused = 0
         while self._on_live_connection(generation):
             try:
                 self.retries.publish(topology.DELAY_EXCHANGE, tier, body, properties)
                 return True
             except RetryNotPublished as exc:
                 metrics.RETRY_PUBLISH_ERRORS.inc()
+                refused += 1
+                pause = compute_backoff(refused, base=0.1, cap=5.0)
                 log.warning("job %s: retry not published (%s); trying again in %.1fs", job.id, exc, pause)
-            if self.abandon.wait(pause):
-                return False
-            pause = min(pause * 2, 5.0)
+                if self.abandon.wait(pause):
+                    return False
         return False
 
     def _run(self, job: JobMessage) -> Settle:
@@ -404,7 +405,7 @@ class Worker:
         # it may quote the payload.
         error_type = error.split(":", 1)[0]
         if outcome == "retried":
-            delay = backoff_seconds(job.attempt, settings.retry_backoff_base_seconds,
+            delay = compute_backoff(job.attempt, settings.retry_backoff_base_seconds,
                                     settings.retry_backoff_max_seconds)
             log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error_type, delay)
             self._record(self.store.retrying, job.id, error, identity=identity)
@@ -454,12 +455,6 @@ class Worker:
 
 def _identity(job: JobMessage) -> dict:
     return JobStore.identity(job.id, job.client, job.type, job.created_at, attempts=job.attempt)
-
-
-def backoff_seconds(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random."""
-    delay = min(cap, base * 2 ** (attempt - 1))
-    return delay / 2 + random.uniform(0, delay / 2)
 
 
 class _Watchdog:

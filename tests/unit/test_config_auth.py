@@ -1,10 +1,10 @@
 import pytest
 
+from jobs_contract.backoff import compute_backoff, reconnect_delay
 from jobs_contract.settings import ConfigError
 from main_app.auth import TokenAuthenticator
 from main_app.config import Settings as ApiSettings
 from service_app.config import Settings as WorkerSettings
-from service_app.worker import backoff_seconds
 
 TOKEN_A = "token-a-0123456789abcdef"
 TOKEN_B = "token-b-0123456789abcdef"
@@ -89,9 +89,15 @@ def test_worker_settings_validation(monkeypatch):
 
 def test_backoff_is_exponential_with_jitter_and_capped():
     for attempt, full in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)]:
-        delays = [backoff_seconds(attempt, base=1.0, cap=30.0) for _ in range(200)]
+        delays = [compute_backoff(attempt, base=1.0, cap=30.0) for _ in range(200)]
         assert all(full / 2 <= d <= full for d in delays)
         assert max(delays) - min(delays) > full / 10  # jittered
+
+
+def test_reconnect_delay_doubles_from_a_quarter_second_to_ten_and_never_overflows():
+    for failures, full in [(1, 0.5), (2, 1.0), (6, 10.0), (100_000, 10.0)]:
+        delays = [reconnect_delay(failures) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays), failures
 
 
 def test_service_app_ignores_an_inherited_multiprocess_metrics_dir(tmp_path):
