@@ -565,6 +565,9 @@ down() {
   kill_pods
   unmount_under "$STATE" "$RUN"
   clean_netns
+  # The pods' host-side veths (a peer namespace some process still holds would keep them alive).
+  ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
+    | xargs -r -n1 ip link del 2>/dev/null
   ip link del "$BRIDGE" 2>/dev/null || true
   ip link del "$NODE_IF" 2>/dev/null || true
   clean_iptables
@@ -577,7 +580,9 @@ down() {
 leftovers() {
   set +e +o pipefail
   local found=0 line
-  report() { while read -r line; do [[ -n $line ]] && { echo "left behind: $1: $line"; found=1; }; done; }
+  # Writes to a file, not a variable: each `... | report` runs in a subshell.
+  local flag; flag=$(mktemp)
+  report() { while read -r line; do [[ -n $line ]] && { echo "left behind: $1: $line"; echo 1 >"$flag"; }; done; }
   pgrep -a -f "$STATE|$RUN|jobs-sandbox/kubernetes-|containerd-shim-runc-v2 .*$CONTAINERD_SOCK" | grep -v -e pgrep -e 'build.sh' -e 'go build' | report process
   grep -E " ($STATE|$RUN)" /proc/mounts | report mount
   ls -d /var/run/netns/cni-* 2>/dev/null | report netns
@@ -589,6 +594,8 @@ leftovers() {
   nft list tables 2>/dev/null | grep -E 'kube-proxy|kube-network-policies' | report nftables
   ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-' | report ipset
   [[ -e $STATE || -e $RUN ]] && echo "$STATE $RUN" | report state
+  [[ -s $flag ]] && found=1
+  rm -f "$flag"
   return $found
 }
 
