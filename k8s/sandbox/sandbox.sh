@@ -99,7 +99,6 @@ ensure_packages() {
   command -v nft >/dev/null || need+=(nftables)
   command -v ipset >/dev/null || need+=(ipset)
   command -v ip >/dev/null || need+=(iproute2)
-  command -v mount.nfs >/dev/null || true
   if ((${#need[@]})); then
     log "installing Debian packages: ${need[*]}"
     # The packages' init scripts must not start system-wide daemons: this script runs its own.
@@ -547,7 +546,6 @@ clean_iptables() {
     ipset list -n 2>/dev/null | grep -E '^(inet6:)?KUBE-' | xargs -r -n1 ipset destroy 2>/dev/null || true
   fi
   if command -v nft >/dev/null; then
-    local t
     nft list tables 2>/dev/null | awk '{print $2, $3}' | while read -r fam name; do
       case $name in kube-proxy|kube-network-policies|kubernetes*) nft delete table "$fam" "$name" 2>/dev/null || true ;; esac
     done
