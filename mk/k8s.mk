@@ -58,9 +58,10 @@ promtool: ## Ensure promtool (Debian's prometheus package) is installed
 	$(call debian-package,prometheus,promtool)
 
 .PHONY: k8s-secrets
-k8s-secrets: ## Generate random dev/ci credentials into k8s/overlays/{dev,ci}/secrets/ (git-ignored; kept if present)
+k8s-secrets: ## Generate random dev/ci (and sandbox prod) credentials into <overlay>/secrets/ (git-ignored; kept if present)
 	@$(PYTHON) k8s/scripts/gen-secrets.py k8s/overlays/dev
 	@$(PYTHON) k8s/scripts/gen-secrets.py k8s/overlays/ci
+	@$(PYTHON) k8s/scripts/gen-secrets.py k8s/sandbox/overlays/prod
 
 .PHONY: k8s-render
 k8s-render: k8s-tools k8s-secrets ## Render every overlay with kustomize into reports/k8s/rendered/
