@@ -27,10 +27,12 @@ Thresholds, checked when Locust quits (exit code 1 when exceeded):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import gevent
@@ -40,6 +42,9 @@ from locust.stats import StatsEntry
 log = logging.getLogger("loadtest")
 
 FINAL = {"succeeded", "failed"}
+# Responses by "METHOD status" (e.g. "POST 202": jobs accepted), printed as one JSON line when
+# Locust quits, so that a run can be accounted for (make test-cluster-scaling).
+STATUS_COUNTS: Counter[str] = Counter()
 DEFAULT_WEIGHTS = "echo=4,sleep=3,cpu=2,flaky=1,fail=0"
 
 
@@ -119,6 +124,7 @@ class JobsUser(FastHttpUser):
         started = time.perf_counter()
         with self.client.post("/jobs", json={"type": job_type, "payload": payload_for(job_type)},
                               headers=self.headers, name="POST /jobs", catch_response=True) as resp:
+            STATUS_COUNTS[f"POST {resp.status_code}"] += 1
             if resp.status_code != 202:
                 resp.failure(f"POST /jobs -> {resp.status_code}: {(resp.text or '')[:200]}")
                 return
@@ -127,6 +133,7 @@ class JobsUser(FastHttpUser):
         while True:
             with self.client.get(f"/jobs/{job_id}", headers=self.headers, name="GET /jobs/[id]",
                                  catch_response=True) as resp:
+                STATUS_COUNTS[f"GET {resp.status_code}"] += 1
                 if resp.status_code == 200:
                     status = resp.json().get("status")
                 else:
@@ -225,6 +232,7 @@ def check_thresholds(environment, **_kwargs) -> None:
     print(f"loadtest summary: {http.num_requests} HTTP requests, p95 {http.get_response_time_percentile(0.95):.0f} ms; "
           f"{jobs.num_requests} jobs final, submit->final p95 {jobs.get_response_time_percentile(0.95):.0f} ms; "
           f"error ratio {environment.stats.total.fail_ratio:.4f}", flush=True)
+    print(f"loadtest responses: {json.dumps(dict(sorted(STATUS_COUNTS.items())))}", flush=True)
     if problems:
         for problem in problems:
             print(f"loadtest THRESHOLD FAILED: {problem}", flush=True)

@@ -18,10 +18,11 @@ DEMO = ROOT / "scripts" / "observability" / "scaling_demo.py"
 
 FAKE_KUBECTL = r'''#!PYTHON
 """Answers the kubectl calls scaling_demo.py makes, from a small state file."""
-import json, sys
+import json, sys, time
 from pathlib import Path
 state_file = Path(__file__).with_name("state.json")
-state = json.loads(state_file.read_text()) if state_file.exists() else {"samples": 0}
+state = json.loads(state_file.read_text()) if state_file.exists() else {"samples": 0, "start": time.time()}
+state_file.write_text(json.dumps(state))
 args = [a for a in sys.argv[1:]]
 if args[:2] == ["-n", "jobs"]:
     args = args[2:]
@@ -29,32 +30,53 @@ with open(Path(__file__).with_name("calls.log"), "a") as log:
     log.write(" ".join(sys.argv[1:]) + "\n")
 def out(obj):
     print(json.dumps(obj))
+def so(name, lo, hi, triggers):
+    return {"metadata": {"name": name}, "spec": {"minReplicaCount": lo, "maxReplicaCount": hi, "triggers": [
+        {"type": "prometheus", "name": t, "metricType": "AverageValue",
+         "metadata": {"query": q, "threshold": "20"}} for t, q in triggers]}}
+# replicas per sample: up, peak, back down to the minimum; the Job is done after the 4th sample
+MAIN = [1, 2, 3, 2, 1]
+SERVICE = [1, 3, 3, 1, 1]
+n = min(state["samples"], 4)
 if args[0] == "version":
     print("Client Version: fake")
 elif args[:2] == ["get", "scaledobjects.keda.sh"]:
-    out({"items": [
-        {"metadata": {"name": "main-app"}, "spec": {"triggers": [
-            {"type": "prometheus", "name": "http-requests-per-pod", "metadata": {"query": "sum(rate(x[2m]))"}}]}},
-        {"metadata": {"name": "service-app"}, "spec": {"triggers": [
-            {"type": "prometheus", "name": "queue-backlog-per-replica", "metadata": {"query": "sum(backlog)"}},
-            {"type": "prometheus", "name": "worker-busy-ratio", "metadata": {"query": "sum(busy)"}}]}}]})
+    out({"items": [so("main-app", 1, 3, [("http-requests-per-pod", "sum(rate(x[2m]))")]),
+                   so("service-app", 1, 3, [("queue-backlog-per-replica", "sum(backlog)"),
+                                            ("worker-busy-ratio", "sum(busy)")])]})
+elif args[:1] == ["apply"] and "--dry-run=client" in args:
+    out({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "locustfile"}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "locust"}, "spec": {"template": {"spec": {
+            "containers": [{"name": "locust", "env": [{"name": "LOADTEST_STEP_USERS", "value": "10,20"}]}]}}}}]})
 elif args[0] in ("delete", "apply"):
+    sys.stdin.read() if args[:3] == ["apply", "-f", "-"] else None
     print("ok")
 elif args[:2] == ["get", "deployments"]:
-    n = state["samples"]
-    state["samples"] = n + 1
+    state["samples"] += 1
     state_file.write_text(json.dumps(state))
     out({"items": [
-        {"metadata": {"name": "main-app"}, "spec": {"replicas": 1 + n // 2}, "status": {"readyReplicas": 1 + n // 3}},
-        {"metadata": {"name": "service-app"}, "spec": {"replicas": 1 + n}, "status": {"readyReplicas": 1 + n // 2}}]})
+        {"metadata": {"name": "main-app"}, "spec": {"replicas": MAIN[n]}, "status": {"readyReplicas": MAIN[n]}},
+        {"metadata": {"name": "service-app"}, "spec": {"replicas": SERVICE[n]}, "status": {"readyReplicas": 1}}]})
 elif args[:2] == ["get", "hpa"]:
-    out({"items": [{"metadata": {"name": "main-app"}, "status": {"desiredReplicas": 2}},
+    out({"items": [{"metadata": {"name": "main-app"}, "status": {"desiredReplicas": 2, "currentMetrics": [
+        {"type": "External",
+         "external": {"metric": {"name": "s0-prometheus"}, "current": {"averageValue": "12500m"}}}]}},
                    {"metadata": {"name": "service-app"}, "status": {"desiredReplicas": 4}}]})
+elif args[:2] == ["get", "--raw"] and "/query_range?" in args[2]:
+    out({"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {}, "values": [[state["start"] - 5, "12.5"]]}]}})
 elif args[:2] == ["get", "--raw"]:
     out({"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [0, "12.5"]}]}})
 elif args[:2] == ["get", "job"]:
     done = state["samples"] >= 4
     out({"status": {"active": 0 if done else 1, **({"succeeded": 1} if done else {})}})
+elif args[:2] == ["get", "pods"]:
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state["start"]))
+    out({"items": [{"status": {"containerStatuses": [{"state": {"running": {"startedAt": started}}}]}}]})
+elif args[:2] == ["logs", "job/locust"]:
+    print('loadtest summary: ...')
+    print('loadtest responses: {"GET 200": 40, "POST 202": 12}')
 else:
     sys.exit("fake kubectl: unexpected " + " ".join(sys.argv[1:]))
 '''
@@ -78,19 +100,32 @@ def run_demo(bindir: Path, tmp_path: Path, *args: str) -> subprocess.CompletedPr
                           capture_output=True, text=True, timeout=120)
 
 
-def test_demo_samples_and_plots(fake_kubectl, tmp_path):
-    proc = run_demo(fake_kubectl, tmp_path, "--interval", "0", "--cooldown", "0")
+def test_demo_samples_compares_with_the_model_and_plots(fake_kubectl, tmp_path):
+    """The sampling loop, the Job's env overrides, the replay and the outputs, against a
+    scripted kubectl (the real run is make test-cluster-scaling on the sandbox)."""
+    proc = run_demo(fake_kubectl, tmp_path, "--interval", "0", "--settle-seconds", "0", "--step-users", "3",
+                    "--stage-seconds", "0", "--cooldown-stages", "0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = (fake_kubectl / "calls.log").read_text()
-    assert "delete job locust --ignore-not-found" in calls and "apply -k" in calls
+    assert "delete job locust --ignore-not-found" in calls and "apply -k" in calls and "apply -f -" in calls
     assert "/api/v1/namespaces/monitoring/services/prometheus-operated:9090/proxy/api/v1/query?query=sum%28backlog%29" \
         in calls
+    assert "/proxy/api/v1/query_range?query=sum%28busy%29" in calls
     with open(tmp_path / "out" / "demo.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4  # until the fake Job succeeded (after the 4th sample)
-    assert rows[-1]["service-app_replicas"] == "4" and rows[-1]["service-app:queue-backlog-per-replica"] == "12.5"
-    assert rows[0]["main-app_hpa_desired"] == "2"
-    png = (tmp_path / "out" / "demo.png").read_bytes()
+    assert len(rows) == 5  # up to the peak and back to the minimum, with the Job done
+    assert [r["service-app_replicas"] for r in rows] == ["1", "3", "3", "1", "1"]
+    assert rows[-1]["service-app:queue-backlog-per-replica"] == "12.5"
+    assert rows[0]["main-app_hpa_desired"] == "2" and rows[0]["main-app:http-requests-per-pod:hpa_value"] == "12.5"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["schedule"] == [[0.0, 3]]  # --step-users/--stage-seconds/--cooldown-stages overrode the Job's env
+    assert summary["locust_responses"] == {"GET 200": 40, "POST 202": 12}
+    real = summary["deployments"]["service-app"]["real"]
+    assert real["peak"] == 3 and real["back_to_min_after_load_s"] is not None
+    assert summary["deployments"]["main-app"]["real"]["peak"] == 3
+    # 12.5 per trigger against a threshold of 20: the model stays at the minimum
+    assert summary["deployments"]["service-app"]["model"]["peak"] == 1
+    png = (tmp_path / "out" / "scaling-cluster.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 
 
