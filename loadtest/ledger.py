@@ -3,13 +3,13 @@
 The client side of `make test-cluster-scaling`'s prod fault run, run in the cluster as a
 Job (any image with Python 3: the fault run uses main-app's). Threads submit jobs at a
 fixed total rate, each with an Idempotency-Key, and retry a submission that got no answer
-or a 5xx (with the same key, as a careful client would), until a stop file appears or
---max-seconds pass. Then it polls every accepted job until it is final and prints one line
-`ledger: {json}`:
-  submissions, accepted, by_status (HTTP answers, "0" = no answer), errors_5xx [[t, code]],
-  final {succeeded, failed}, lost (accepted, never final: not found or still pending after
-  --final-timeout), ran_more_than_once (jobs whose record shows more attempts than their
-  type needs: the duplicates an at-least-once system may produce). Times are Unix seconds.
+or a 5xx (with the same key, as a careful client would), until the stop file appears or
+LEDGER_MAX_SECONDS pass. Then it polls every accepted job until it is final and prints one
+line `ledger: {json}`: submissions, accepted, by_status (HTTP answers, "0" = no answer),
+final {succeeded, failed}, lost (accepted and never final: not found, or not final after
+LEDGER_FINAL_TIMEOUT), ran_more_than_once (jobs whose record shows more attempts than their
+type needs: the duplicates an at-least-once system may produce), and for accounting per time
+window: requests [[t, status]] and jobs [[submitted t, type, outcome, attempts]] (Unix times).
 
 Environment: LEDGER_URL (http://main-app:8000), LEDGER_TOKEN_FILE (first line is the
 bearer token), LEDGER_RATE (jobs/s, 10), LEDGER_THREADS (8), LEDGER_SLEEP_SECONDS (0.5: the
@@ -64,8 +64,7 @@ class Ledger:
         self.lock = threading.Lock()
         self.started = time.time()
         self.by_status: Counter[str] = Counter()
-        self.errors_5xx: list[tuple[float, int]] = []
-        self.no_answer: list[float] = []
+        self.requests: list[tuple[float, int]] = []  # (time, HTTP status; 0 = no answer)
         self.accepted: dict[str, tuple[str, float]] = {}  # job id -> (type, submitted at)
         self.submissions = 0
         self.given_up = 0
@@ -73,11 +72,7 @@ class Ledger:
     def answer(self, status: int) -> None:
         with self.lock:
             self.by_status[str(status)] += 1
-            now = round(time.time(), 2)
-            if status >= 500:
-                self.errors_5xx.append((now, status))
-            elif status == 0:
-                self.no_answer.append(now)
+            self.requests.append((round(time.time(), 2), status))
 
     def submit(self, headers: dict[str, str], n: int) -> None:
         job_type = "sleep" if n % 2 else "echo"
@@ -127,28 +122,34 @@ def run() -> dict:
     pending = dict(ledger.accepted)
     final: Counter[str] = Counter()
     ran_more_than_once: Counter[str] = Counter()
+    outcomes: dict[str, tuple[float, str, str, int]] = {}  # job id -> (submitted, type, outcome, attempts)
     not_found = 0
     final_deadline = time.time() + FINAL_TIMEOUT
     while pending and time.time() < final_deadline:
-        for job_id, (job_type, _submitted) in list(pending.items()):
+        for job_id, (job_type, submitted) in list(pending.items()):
             status, job = call("GET", f"/jobs/{job_id}", headers)
             if status == 404:
                 not_found += 1
+                outcomes[job_id] = (round(submitted, 2), job_type, "not_found", 0)
                 del pending[job_id]
             elif status == 200 and job.get("status") in ("succeeded", "failed"):
                 final[job["status"]] += 1
-                if int(job.get("attempts") or 0) > EXPECTED_ATTEMPTS[job_type]:
+                attempts = int(job.get("attempts") or 0)
+                if attempts > EXPECTED_ATTEMPTS[job_type]:
                     ran_more_than_once[job_type] += 1
+                outcomes[job_id] = (round(submitted, 2), job_type, job["status"], attempts)
                 del pending[job_id]
         if pending:
             time.sleep(1)
+    for job_id, (job_type, submitted) in pending.items():
+        outcomes[job_id] = (round(submitted, 2), job_type, "not_final", 0)
     return {
         "started": round(ledger.started, 2), "seconds": round(submitting_seconds, 1), "submissions": ledger.submissions,
         "accepted": len(ledger.accepted), "given_up": ledger.given_up,
         "by_status": dict(sorted(ledger.by_status.items())),
-        "errors_5xx": ledger.errors_5xx, "no_answer": ledger.no_answer,
         "final": dict(final), "lost": not_found + len(pending), "lost_not_found": not_found,
         "lost_not_final": len(pending), "ran_more_than_once": dict(ran_more_than_once),
+        "requests": ledger.requests, "jobs": sorted(outcomes.values()),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -49,6 +50,11 @@ def test_smoke_profile_passes_and_reports(api, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "loadtest thresholds passed" in log
     rows = stats_rows(out)
+    # one JSON line of responses by method and status: what make test-cluster-scaling accounts from
+    responses = json.loads(next(ln for ln in log.splitlines() if ln.startswith("loadtest responses: "))
+                           .split(": ", 1)[1])
+    assert responses["POST 202"] == int(rows[("POST", "POST /jobs")]["Request Count"])
+    assert responses["GET 200"] == int(rows[("GET", "GET /jobs/[id]")]["Request Count"])
     assert int(rows[("POST", "POST /jobs")]["Request Count"]) > 10
     assert int(rows[("GET", "GET /jobs/[id]")]["Request Count"]) > 10
     jobs = {name: r for (kind, name), r in rows.items() if kind == "JOB"}
