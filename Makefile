@@ -62,8 +62,8 @@ help: ## Show this help
 
 ##@ Local development
 
-$(VENV)/.installed: requirements/dev.txt main-app/requirements.txt service-app/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml
-	$(call python-venv,$(VENV),requirements/dev.txt,--require-hashes,--no-deps -e contract -e main-app -e service-app)
+$(VENV)/.installed: requirements/dev.txt main-app/requirements.txt service-app/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml scripts/pyproject.toml
+	$(call python-venv,$(VENV),requirements/dev.txt,--require-hashes,--no-deps -e contract -e main-app -e service-app -e scripts)
 
 .PHONY: venv
 venv: $(VENV)/.installed ## Create the virtualenv with pinned dependencies
@@ -74,7 +74,7 @@ services-deps: ## Install RabbitMQ and Redis servers (Debian packages) when miss
 
 .PHONY: run
 run: venv services-deps ## Run the whole stack locally: RabbitMQ, Redis, main-app on :8000, WORKERS service-app workers
-	@$(PY) scripts/devstack.py run --workers $(WORKERS) --run-dir $(RUN_DIR)
+	@$(PY) -m jobs_devtools.devstack run --workers $(WORKERS) --run-dir $(RUN_DIR)
 
 .PHONY: lock
 lock: ## Re-resolve the hash-pinned requirements from the *.in files (needs PyPI)

@@ -16,8 +16,8 @@ ABUSE_STAMP := $(ABUSE_VENV)/.installed
 CHAOS_PYTEST_ARGS ?=
 ABUSE_PYTEST_ARGS ?=
 
-$(ABUSE_STAMP): tests/abuse/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml
-	$(call python-venv,$(ABUSE_VENV),tests/abuse/requirements.txt,--require-hashes,--no-deps -e contract -e main-app -e service-app)
+$(ABUSE_STAMP): tests/abuse/requirements.txt contract/pyproject.toml main-app/pyproject.toml service-app/pyproject.toml scripts/pyproject.toml
+	$(call python-venv,$(ABUSE_VENV),tests/abuse/requirements.txt,--require-hashes,--no-deps -e contract -e main-app -e service-app -e scripts)
 
 ##@ Chaos and abuse
 

@@ -73,6 +73,8 @@ lint-images: $(IMAGES_LINT_VENV)/.installed-$(HADOLINT_VERSION)-$(CHECKOV_VERSIO
 	@scripts/images/lint.sh $(IMAGES_LINT_VENV)
 
 .PHONY: test-images
-test-images: lint-images images images-dev services-deps ## Lint, build and prove both images for real (private RabbitMQ/Redis, jobs, UID, read-only, drain)
-	python3 scripts/images/test_images.py --main-image $(MAIN_APP_IMAGE) --service-image $(SERVICE_APP_IMAGE) \
-	  --docker $(DOCKER) --report-dir reports/images
+test-images: lint-images images images-dev venv services-deps ## Lint, build and prove both images for real (private RabbitMQ/Redis, jobs, UID, read-only, drain)
+	@mkdir -p reports/images
+	$(BIN)/pytest tests/images -c pytest.ini -p no:cacheprovider -o timeout=900 -s \
+	  --main-image $(MAIN_APP_IMAGE) --service-image $(SERVICE_APP_IMAGE) --docker $(DOCKER) \
+	  --report-dir reports/images --junitxml=reports/images/junit.xml

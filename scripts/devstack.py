@@ -10,17 +10,22 @@ when set.
 import argparse
 import os
 import secrets
+import shlex
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import RabbitNode, RedisNode, ensure_erlang_cookie  # noqa: E402
+from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions
+from jobs_devtools.stack import (
+    ROOT,
+    RabbitNode,
+    RedisNode,
+    api_command,
+    ensure_erlang_cookie,
+    wait_http,
+    worker_command,
+)
 
-from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 API = "http://127.0.0.1:8000"
 PORTS = {"amqp": 5682, "dist": 25682, "prometheus": 15702, "management": 15682, "redis": 6389, "workers": 9101}
 
@@ -79,13 +84,13 @@ def run(args: argparse.Namespace) -> int:
     # Workers first: honcho gives the first process type PORT=<base>, <base>+1, ...
     procfile = "\n".join([
         f"worker: RABBITMQ_URL='{rabbit.url_for(SERVICE_APP_USER, app_passwords[SERVICE_APP_USER])}' "
-        "METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec python -m service_app",
+        f"METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec {shlex.join(worker_command(venv_bin))}",
         f"rabbitmq: exec {' '.join(rabbit.foreground_command())}",
         f"redis: exec {' '.join(redis.command())}",
         f"api: RABBITMQ_URL='{rabbit.url_for(MAIN_APP_USER, app_passwords[MAIN_APP_USER])}' "
         f"PROMETHEUS_MULTIPROC_DIR={run_dir / 'main-app-metrics'} "
-        "exec gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app",
-        f"ready: exec python {Path(__file__).resolve()} banner --workers {args.workers}",
+        f"exec {shlex.join(api_command(venv_bin))}",
+        f"ready: exec {venv_bin / 'python'} -m jobs_devtools.devstack banner --workers {args.workers}",
     ]) + "\n"
     (run_dir / "Procfile").write_text(procfile)
     os.chdir(ROOT)
@@ -96,16 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def banner(args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{API}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
+    try:
+        wait_http(f"{API}/readyz", 120, interval=0.5)
+    except TimeoutError:
         print("main-app did not become ready within 120s; see the logs above", flush=True)
     token = os.environ["API_TOKENS"].split(",")[0]
     workers = ", ".join(f"http://127.0.0.1:{PORTS['workers'] + i}/metrics" for i in range(args.workers))

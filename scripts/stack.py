@@ -1,4 +1,9 @@
-"""Private RabbitMQ and Redis nodes for the local stack and the tests.
+"""The one way to start the system's real processes: ports, HTTP waits, process handles,
+private RabbitMQ and Redis nodes, main-app and service-app, and a private stack.
+
+Used by the local stack (`make run`), every test suite (core, chaos, abuse,
+observability, images, k8s), the bench and the scaling preview. Standard library
+only, so each tool venv can install it (`pip install --no-deps -e scripts`).
 
 Never the machine's own services: each node gets its own name, ports and data
 directory, so tests may kill and restart it. RabbitMQ is started by calling the
@@ -8,28 +13,47 @@ and Erlang cookie when run as root).
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
+ROOT = Path(__file__).resolve().parent.parent
 RABBITMQ_BIN = Path(os.environ.get("RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
+# The machine's own RabbitMQ/Redis/epmd ports: never handed out, even when free now.
+SYSTEM_PORTS = {4369, 5672, 6379, 15672, 15692, 25672}
+# main-app's production server: gunicorn with the app's own configuration (the one place it is written).
+GUNICORN_CONF = "python:main_app.gunicorn_conf"
+API_TARGET = "main_app.wsgi:app"
+
+
+# ---------------------------------------------------------------- ports and waits
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in SYSTEM_PORTS:
+            return port
 
 
-def wait_for_port(port: int, timeout: float) -> None:
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process meant to listen on 127.0.0.1:{port} exited ({process.returncode})")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -38,12 +62,192 @@ def wait_for_port(port: int, timeout: float) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def http_status(url: str, timeout: float = 2) -> int | None:
+    """The status of a GET (any status, 4xx/5xx included); None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def wait_http(url: str, timeout: float = 30.0, status: int = 200, *, streak: int = 1, interval: float = 0.1,
+              proc: Proc | None = None) -> int:
+    """Wait until GET url answers `status` `streak` times in a row (fresh connections: with
+    gunicorn each may land on another worker); return that status. TimeoutError after
+    `timeout`, RuntimeError at once if `proc` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    last, run = None, 0
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise RuntimeError(f"{proc.name} exited ({proc.returncode}) before {url} answered {status}")
+        last = http_status(url)
+        run = run + 1 if last == status else 0
+        if run >= streak:
+            return status
+        time.sleep(interval)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    """A real process in its own session, its output in log_path."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    name: str = ""
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.name = self.name or Path(self.args[0]).name
+
+    def start(self) -> Proc:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=ROOT, start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def kill9(self) -> None:
+        """kill -9 the whole process group, as a crashed pod would die."""
+        os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self, timeout: float = 30, group: bool = False) -> int | None:
+        """SIGTERM (to the process, or its whole group), then SIGKILL to the group after `timeout`."""
+        if not self.alive():
+            return self.returncode
+        if group:
+            os.killpg(self.pid, signal.SIGTERM)
+        else:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        try:
+            return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+
+# ---------------------------------------------------------------- the apps
+
+
+def app_env(rabbit_url: str, redis_url: str, base: dict[str, str] | None = None, **overrides: str) -> dict[str, str]:
+    """An app's environment: `base` (default: this process's) without any RABBITMQ_*, REDIS_*,
+    API_TOKENS* or GUNICORN_* setting, the two URLs, INFO logs, unbuffered output, then overrides."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(("RABBITMQ_", "REDIS_", "API_TOKENS", "GUNICORN_"))}
+    env.update({"RABBITMQ_URL": rabbit_url, "REDIS_URL": redis_url, "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+def api_command(bin_dir: Path | None = None, *args: str) -> list[str]:
+    """gunicorn with main-app's configuration; args: the app (default main-app's) and options."""
+    return [str((bin_dir or Path(sys.executable).parent) / "gunicorn"), "--config", GUNICORN_CONF,
+            *(args or (API_TARGET,))]
+
+
+def worker_command(bin_dir: Path | None = None) -> list[str]:
+    return [str((bin_dir or Path(sys.executable).parent) / "python"), "-m", "service_app"]
+
+
+@dataclass
+class App:
+    """main-app (port: its API) or a service-app worker (port None) as a real process."""
+
+    proc: Proc
+    metrics_port: int
+    port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The API of main-app; a worker's /healthz, /readyz and /metrics."""
+        return f"http://127.0.0.1:{self.port or self.metrics_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def wait_ready(self, path: str = "/readyz", timeout: float = 30, streak: int = 1, interval: float = 0.1) -> App:
+        """Wait for `path`; on failure stop the app and raise AssertionError with its log."""
+        try:
+            wait_http(self.url + path, timeout, streak=streak, interval=interval, proc=self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self.proc.stop()
+            raise AssertionError(f"{self.proc.name} did not start ({exc}):\n{self.proc.output()[-5000:]}") from None
+        return self
+
+    def stop(self, timeout: float = 30, group: bool = False) -> int | None:
+        return self.proc.stop(timeout, group)
+
+
+def start_api(env: dict[str, str], work: Path, *, name: str = "main-app", bin_dir: Path | None = None,
+              args: tuple[str, ...] = (), port: int | None = None, metrics_port: int | None = None) -> App:
+    """main-app (or `args`: another app and gunicorn options) under gunicorn with main-app's
+    configuration, listening on free ports of 127.0.0.1; not waited for (App.wait_ready)."""
+    port, metrics_port = port or free_port(), metrics_port or free_port()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(work / f"prom-{name}-{port}"), **env,
+           "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port), "METRICS_HOST": "127.0.0.1",
+           "METRICS_PORT": str(metrics_port)}
+    proc = Proc(api_command(bin_dir, *args), env, work / f"{name}-{port}.log", name).start()
+    return App(proc, metrics_port, port)
+
+
+def start_worker(env: dict[str, str], work: Path, *, name: str = "service-app", bin_dir: Path | None = None,
+                 metrics_port: int | None = None) -> App:
+    """A service-app worker with its metrics and probes on a free port; not waited for."""
+    metrics_port = metrics_port or free_port()
+    env = {**env, "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(metrics_port)}
+    return App(Proc(worker_command(bin_dir), env, work / f"{name}-{metrics_port}.log", name).start(), metrics_port)
+
+
+# ---------------------------------------------------------------- private nodes
+
+
 def ensure_erlang_cookie() -> None:
     """The CLI tools and the node must share $HOME/.erlang.cookie; write it before either starts."""
     cookie = Path.home() / ".erlang.cookie"
     if not cookie.exists():
         cookie.write_text(secrets.token_hex(20))
         cookie.chmod(0o400)
+
+
+def servers_installed() -> bool:
+    return (RABBITMQ_BIN / "rabbitmq-server").exists() and shutil.which("redis-server") is not None
 
 
 @dataclass
@@ -59,6 +263,7 @@ class RabbitNode:
     plugins: tuple[str, ...] = ("rabbitmq_prometheus",)
     # A definitions document (users, permissions, topology) loaded at every boot.
     definitions: dict | None = None
+    log_level: str = "warning"
 
     @property
     def nodename(self) -> str:
@@ -66,16 +271,18 @@ class RabbitNode:
 
     @property
     def url(self) -> str:
-        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.amqp_port}/%2F"
+        return self.url_for(self.user, self.password)
 
     def url_for(self, user: str, password: str) -> str:
-        from urllib.parse import quote
-
         return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.amqp_port}/%2F"
 
     @property
     def pid_file(self) -> Path:
         return self.base_dir / "rabbitmq.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.base_dir / "log"
 
     def write_config(self) -> None:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -87,11 +294,9 @@ class RabbitNode:
             f"prometheus.tcp.port = {self.prometheus_port}",
             "prometheus.tcp.ip = 127.0.0.1",
             "log.console = false",
-            "log.file.level = warning",
+            f"log.file.level = {self.log_level}",
         ]
         if self.definitions is not None:
-            import json
-
             path = self.base_dir / "definitions.json"
             path.write_text(json.dumps(self.definitions))
             path.chmod(0o600)
@@ -114,7 +319,7 @@ class RabbitNode:
             "RABBITMQ_CONF_ENV_FILE": str(self.base_dir / "rabbitmq-env.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base_dir / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(self.base_dir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base_dir / "log"),
+            "RABBITMQ_LOG_BASE": str(self.log_dir),
             "RABBITMQ_PID_FILE": str(self.pid_file),
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
@@ -122,12 +327,13 @@ class RabbitNode:
     def foreground_command(self) -> list[str]:
         return [str(RABBITMQ_BIN / "rabbitmq-server")]
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 60.0) -> RabbitNode:
         ensure_erlang_cookie()
         self.write_config()
         subprocess.run([str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"], env=self.env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_started(timeout)
+        return self
 
     def wait_started(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -187,6 +393,9 @@ class RabbitNode:
 class RedisNode:
     base_dir: Path
     port: int = field(default_factory=free_port)
+    # Server arguments instead of the private node's own (e.g. a StatefulSet's); the port,
+    # the address and the foreground mode are added.
+    args: list[str] | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -194,17 +403,26 @@ class RedisNode:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def command(self) -> list[str]:
+        server = shutil.which("redis-server") or "redis-server"
+        if self.args is not None:
+            return [server, *self.args, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no"]
         # Append-only file: a restarted store keeps its records (a lost record is rebuilt
         # from the message by the worker, but clients would briefly see 404s).
-        return [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-                "--dir", str(self.base_dir), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
-                "--protected-mode", "yes"]
+        return [server, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.base_dir), "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes"]
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0) -> RedisNode:
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.base_dir / "redis.log", "ab")
-        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout)
+        with open(self.base_dir / "redis.log", "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(self.port, timeout, self.process)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.output()[-3000:]}") from None
+        return self
+
+    def output(self) -> str:
+        return (self.base_dir / "redis.log").read_text(errors="replace")
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
@@ -228,3 +446,51 @@ def _wait_gone(pid: int, timeout: float) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- a private stack
+
+
+class PrivateStack:
+    """Private RabbitMQ and Redis nodes under `work`, and the apps started on them; a context
+    manager: the nodes start on entry, and on exit every app is stopped, Redis stopped and
+    RabbitMQ killed (its data is thrown away)."""
+
+    def __init__(self, work: Path, name: str, **rabbit: object):
+        self.work = work
+        self.rabbit = RabbitNode(work / "rabbitmq", name=name, **rabbit)
+        self.redis = RedisNode(work / "redis")
+        self.apps: list[App] = []
+
+    def __enter__(self) -> PrivateStack:
+        try:
+            self.rabbit.start()
+            self.redis.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for app in self.apps:
+            app.stop()
+        self.redis.stop()
+        self.rabbit.kill()
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return app_env(self.rabbit.url, self.redis.url, **overrides)
+
+    def api(self, env: dict[str, str] | None = None, **kwargs) -> App:
+        """main-app (see start_api) on this stack, stopped with it."""
+        app = start_api(self.env() if env is None else env, self.work, **kwargs)
+        self.apps.append(app)
+        return app
+
+    def worker(self, env: dict[str, str] | None = None, **kwargs) -> App:
+        """A service-app worker (see start_worker) on this stack, stopped with it."""
+        app = start_worker(self.env() if env is None else env, self.work, **kwargs)
+        self.apps.append(app)
+        return app

@@ -2,9 +2,6 @@
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,16 +13,12 @@ import pytest
 import redis
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from stack import RabbitNode, RedisNode, free_port, wait_for_port  # noqa: E402
-
-from jobs_contract import topology  # noqa: E402
+from jobs_contract import topology
+from jobs_devtools import stack
+from jobs_devtools.stack import App, Proc, RabbitNode, RedisNode, app_env, free_port, servers_installed
 
 TOKEN = "test-token-0123456789abcdef"
 OTHER_TOKEN = "other-token-0123456789abcdef"
-BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +29,7 @@ def tmp_root() -> Iterator[Path]:
 
 
 def _check_servers() -> None:
-    if not Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() or not shutil.which("redis-server"):
+    if not servers_installed():
         pytest.exit("RabbitMQ and Redis servers are required: run `make services-deps`", returncode=2)
 
 
@@ -84,42 +77,6 @@ def queue_depth(channel, queue: str) -> int:
 
 
 @dataclass
-class Proc:
-    """An app under test, run as a real process."""
-
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen | None = None
-
-    def start(self) -> "Proc":
-        self.log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, start_new_session=True)
-        return self
-
-    def signal(self, sig: int) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@dataclass
 class Api:
     url: str
     metrics_url: str
@@ -148,84 +105,35 @@ class Api:
         raise AssertionError(f"job {job_id} not final after {timeout}s: {job}")
 
 
-def base_env(rabbit_url: str, redis_url: str, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "REDIS_", "API_TOKENS"))}
-    env.update({"RABBITMQ_URL": rabbit_url, "REDIS_URL": redis_url, "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"})
-    env.update(overrides)
-    return env
-
-
-def wait_http(url: str, timeout: float = 30.0, status: int = 200) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = requests.get(url, timeout=2).status_code
-            if last == status:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
-
-
 @pytest.fixture
 def start_api(tmp_path: Path) -> Iterator[Callable[..., Api]]:
-    started: list[Proc] = []
+    started: list[App] = []
 
     def start(rabbit_url: str, redis_url: str, wait_ready: bool = True, **env: str) -> Api:
-        port, metrics_port = free_port(), free_port()
-        defaults = {"API_TOKENS": f"{TOKEN},{OTHER_TOKEN}", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
-                    "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(metrics_port), "GUNICORN_WORKERS": "2",
-                    "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"prom-{port}")}
-        proc_env = base_env(rabbit_url, redis_url, **{**defaults, **env})
-        proc = Proc([str(BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
-                    proc_env, tmp_path / f"main-app-{port}.log").start()
-        started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{url}/readyz" if wait_ready else f"{url}/healthz")
-        except TimeoutError:
-            raise AssertionError(f"main-app did not start:\n{proc.output()}") from None
-        return Api(url, f"http://127.0.0.1:{metrics_port}/metrics", proc)
+        app = stack.start_api(app_env(rabbit_url, redis_url, **{"API_TOKENS": f"{TOKEN},{OTHER_TOKEN}",
+                                                             "GUNICORN_WORKERS": "2", **env}), tmp_path)
+        started.append(app)
+        app.wait_ready("/readyz" if wait_ready else "/healthz")
+        return Api(app.url, app.metrics_url, app.proc)
 
     yield start
-    for proc in started:
-        proc.stop()
-
-
-@dataclass
-class WorkerProc:
-    proc: Proc
-    metrics_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+    for app in started:
+        app.stop()
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProc]]:
-    started: list[Proc] = []
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., App]]:
+    started: list[App] = []
 
-    def start(rabbit_url: str, redis_url: str, wait_ready: bool = True, **env: str) -> WorkerProc:
-        port = free_port()
-        defaults = {"METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(port), "RETRY_BACKOFF_BASE_SECONDS": "0.1",
-                    "RETRY_BACKOFF_MAX_SECONDS": "1"}
-        proc = Proc([sys.executable, "-m", "service_app"], base_env(rabbit_url, redis_url, **{**defaults, **env}),
-                    tmp_path / f"service-app-{port}.log").start()
-        started.append(proc)
-        worker = WorkerProc(proc, port)
-        if wait_ready:
-            try:
-                wait_http(f"{worker.url}/readyz")
-            except TimeoutError:
-                raise AssertionError(f"service-app did not start:\n{proc.output()}") from None
-        return worker
+    def start(rabbit_url: str, redis_url: str, wait_ready: bool = True, **env: str) -> App:
+        worker = stack.start_worker(app_env(rabbit_url, redis_url, **{"RETRY_BACKOFF_BASE_SECONDS": "0.1",
+                                                                  "RETRY_BACKOFF_MAX_SECONDS": "1", **env}), tmp_path)
+        started.append(worker)
+        return worker.wait_ready() if wait_ready else worker
 
     yield start
-    for proc in started:
-        proc.stop()
+    for worker in started:
+        worker.stop()
 
 
 @pytest.fixture
@@ -245,4 +153,3 @@ def private_redis(tmp_path: Path) -> Iterator[RedisNode]:
     node.stop()
 
 
-__all__ = ["Api", "OTHER_TOKEN", "TOKEN", "queue_depth", "wait_for_port"]

@@ -18,11 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pika
-import redis
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+from jobs_devtools.bench import bench
 
 PACKAGES = ("main-app/main_app", "service-app/service_app", "contract/jobs_contract")
 
@@ -58,55 +54,36 @@ def main() -> int:
     if args.ref_b != "WORKTREE":
         (work / "b").mkdir()
         env_b["PYTHONPATH"] = checkout(args.ref_b, work / "b")
-    rabbit = bench.RabbitNode(work / "rabbitmq", name=f"jobs-ab-{os.getpid()}")
-    store_node = bench.RedisNode(work / "redis")
-    servers: list[bench.Gunicorn] = []
     results: dict[str, list[float]] = {"A": [], "B": []}
     cpu: dict[str, list[float]] = {"A": [], "B": []}
     try:
-        rabbit.start()
-        store_node.start()
-        store = redis.Redis.from_url(store_node.url)
-        connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
-        bench.topology.declare(connection.channel())
-        connection.close()
-        variants = {"A": env_a, "B": env_b}
-        if args.what == "ingest":
-            for name, env in variants.items():
-                server = bench.Gunicorn(f"api-{name}", ["main_app.wsgi:app"],
-                                        bench.app_env(rabbit, store_node, **env), work).start("/readyz")
-                servers.append(server)
-                bench.run_wrk(server.url, 2, args.connections)
+        with bench.bench_stack(work, f"jobs-ab-{os.getpid()}") as (stack, store):
+            variants = {"A": env_a, "B": env_b}
+            if args.what == "ingest":
+                servers = {name: bench.start_server(stack, f"api-{name}", env=bench.bench_env(stack, **env))
+                           for name, env in variants.items()}
+                for server in servers.values():
+                    bench.run_wrk(server.url, 2, args.connections)
             for i in range(args.rounds):
-                order = ("A", "B") if i % 2 == 0 else ("B", "A")
-                for name in order:
-                    server = servers[0] if name == "A" else servers[1]
-                    r = server.load(args.seconds, args.connections)
-                    results[name].append(r["rps"])
-                    cpu[name].append(r["cpu_us_per_req"])
-                    bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
-                              f"cpu {r['cpu_us_per_req']:.0f} us/req "
-                              f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
-                    bench.purge(rabbit.url)
-                    store.flushdb()
-        else:
-            for i in range(args.rounds):
-                order = ("A", "B") if i % 2 == 0 else ("B", "A")
-                for name in order:
-                    bench.prefill_jobs(rabbit.url, store, args.jobs)
-                    r = bench.worker_drain(rabbit, store_node, work, args.jobs, f"{name}{i}", variants[name])
-                    results[name].append(r["jobs_per_s"])
-                    cpu[name].append(r["cpu_us_per_job"])
-                    bench.log(f"{name}: {r['jobs_per_s']:.0f} jobs/s cpu {r['cpu_us_per_job']:.0f} us/job "
-                              f"RSS max {r['rss_mb_max']:.1f} MB "
-                              f"load {os.getloadavg()[0]:.1f}")
-                    bench.purge(rabbit.url)
+                for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                    if args.what == "ingest":
+                        r = bench.load(servers[name], args.seconds, args.connections)
+                        results[name].append(r["rps"])
+                        cpu[name].append(r["cpu_us_per_req"])
+                        bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
+                                  f"cpu {r['cpu_us_per_req']:.0f} us/req "
+                                  f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
+                    else:
+                        bench.prefill_jobs(stack.rabbit.url, store, args.jobs)
+                        r = bench.worker_drain(stack, args.jobs, f"{name}{i}", variants[name])
+                        results[name].append(r["jobs_per_s"])
+                        cpu[name].append(r["cpu_us_per_job"])
+                        bench.log(f"{name}: {r['jobs_per_s']:.0f} jobs/s cpu {r['cpu_us_per_job']:.0f} us/job "
+                                  f"RSS max {r['rss_mb_max']:.1f} MB "
+                                  f"load {os.getloadavg()[0]:.1f}")
+                    bench.purge(stack.rabbit.url)
                     store.flushdb()
     finally:
-        for server in servers:
-            server.proc.stop()
-        store_node.stop()
-        rabbit.kill()
         shutil.rmtree(work, ignore_errors=True)
     a, b = statistics.median(results["A"]), statistics.median(results["B"])
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]

@@ -31,7 +31,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,24 +38,21 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+import pika
+import redis
+from pika.adapters.select_connection import SelectConnection
 
-import pika  # noqa: E402
-import redis  # noqa: E402
-from pika.adapters.select_connection import SelectConnection  # noqa: E402
-from stack import RabbitNode, RedisNode, free_port  # noqa: E402
+from jobs_contract import JobMessage, topology
+from jobs_contract.store import utcnow
+from jobs_devtools.stack import ROOT, App, PrivateStack, app_env
 
-from jobs_contract import JobMessage, topology  # noqa: E402
-from jobs_contract.store import utcnow  # noqa: E402
-
-BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token-" + secrets.token_hex(8)
 
@@ -136,39 +132,6 @@ def run_wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- processes
 
 
-@dataclass
-class Proc:
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen | None = None
-
-    def start(self) -> Proc:
-        self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        cwd=ROOT, start_new_session=True)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if not self.alive():
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait(10)
-
-
 def rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -194,67 +157,45 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+@contextmanager
+def bench_stack(work: Path, name: str) -> Iterator[tuple[PrivateStack, redis.Redis]]:
+    """Private RabbitMQ and Redis nodes with the topology declared, and a client of the store."""
+    with PrivateStack(work, name) as stack:
+        connection = pika.BlockingConnection(pika.URLParameters(stack.rabbit.url))
+        topology.declare(connection.channel())
+        connection.close()
+        yield stack, redis.Redis.from_url(stack.redis.url)
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
+def bench_env(stack: PrivateStack, **extra: str) -> dict[str, str]:
+    return app_env(stack.rabbit.url, stack.redis.url, API_TOKENS=TOKEN, **extra)
 
 
-def app_env(rabbit: RabbitNode, store: RedisNode, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "REDIS_", "API_TOKENS", "GUNICORN_"))}
-    env.update({"RABBITMQ_URL": rabbit.url, "REDIS_URL": store.url, "API_TOKENS": TOKEN, "LOG_LEVEL": "INFO",
-                "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
+def start_server(stack: PrivateStack, name: str, *args: str, env: dict[str, str] | None = None) -> App:
+    """main-app (or, with args, the no-op app) under gunicorn with main_app.gunicorn_conf, ready."""
+    app = stack.api(env or bench_env(stack), name=name, args=args)
+    return app.wait_ready("/healthz" if args else "/readyz", 60)
 
 
-class Gunicorn:
-    """main-app (or the no-op app) under gunicorn with main_app.gunicorn_conf."""
+def server_pids(app: App) -> list[int]:
+    return [app.proc.pid, *app.proc.children()]
 
-    def __init__(self, name: str, target: list[str], env: dict[str, str], work: Path):
-        self.port, self.metrics_port = free_port(), free_port()
-        env = {**env, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(self.port), "METRICS_HOST": "127.0.0.1",
-               "METRICS_PORT": str(self.metrics_port), "PROMETHEUS_MULTIPROC_DIR": str(work / f"prom-{name}")}
-        self.proc = Proc(name, [str(BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", *target], env,
-                         work / f"{name}.log")
-        self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_path: str) -> Gunicorn:
-        self.proc.start()
-        wait_http(self.url + ready_path, 60)
-        return self
+def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
+    """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
+    RabbitMQ, Redis) spent per request."""
+    groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    result = run_wrk(app.url, seconds, connections)
+    if result["requests"]:
+        for name, pids in groups.items():
+            used = (cpu_seconds(pids) - before[name]) / result["requests"] * 1e6
+            result["cpu_us_per_req" if name == "app" else f"cpu_us_per_req_{name}"] = used
+    return result
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid, *children(self.proc.pid)]
 
-    def load(self, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
-        """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
-        RabbitMQ, Redis) spent per request."""
-        groups = {"app": self.pids(), **{name: [pid] for name, pid in (others or {}).items()}}
-        before = {name: cpu_seconds(pids) for name, pids in groups.items()}
-        result = run_wrk(self.url, seconds, connections)
-        if result["requests"]:
-            for name, pids in groups.items():
-                used = (cpu_seconds(pids) - before[name]) / result["requests"] * 1e6
-                result["cpu_us_per_req" if name == "app" else f"cpu_us_per_req_{name}"] = used
-        return result
-
-    def worker_rss(self) -> list[float]:
-        return [r for r in (rss_mb(p) for p in children(self.proc.pid)) if r is not None]
+def worker_rss(app: App) -> list[float]:
+    return [r for r in (rss_mb(p) for p in app.proc.children()) if r is not None]
 
 
 # ---------------------------------------------------------------- broker helpers
@@ -397,23 +338,23 @@ def metric_value(text: str, name: str, labels: str) -> float:
     return total
 
 
-def worker_drain(rabbit: RabbitNode, store_node: RedisNode, work: Path, count: int, tag: str,
-                 env: dict[str, str]) -> dict[str, Any]:
+def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
+                 on_start: Callable[[App], None] | None = None) -> dict[str, Any]:
     """Start one service-app process on a pre-filled queue of `count` echo jobs; measure jobs/s
     between 10% and 90% done, and its RSS all along."""
-    port = free_port()
-    proc = Proc(f"worker-{tag}", [str(BIN / "python"), "-m", "service_app"],
-                app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port), **env),
-                work / f"worker-{tag}.log").start()
+    worker = stack.worker(bench_env(stack, **env), name=f"worker-{tag}")
+    proc, rabbit, store_node = worker.proc, stack.rabbit, stack.redis
+    if on_start:
+        on_start(worker)
     # (t, processed, rss, cpu of the worker, of RabbitMQ, of Redis)
     samples: list[tuple[float, float, float | None, float, float, float]] = []
     deadline = time.monotonic() + max(120, count / 200)
     try:
         while time.monotonic() < deadline:
             if not proc.alive():
-                raise RuntimeError(f"service-app exited: {proc.log_path.read_text()[-2000:]}")
+                raise RuntimeError(f"service-app exited: {proc.output()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
                     text = response.read().decode()
             except OSError:
                 time.sleep(0.1)
@@ -494,7 +435,7 @@ def parse_time(value: bytes | None) -> float | None:
     return datetime.fromisoformat(value.decode().replace("Z", "+00:00")).timestamp()
 
 
-def end_to_end(api: Gunicorn, store: redis.Redis, rate: float, seconds: float) -> dict[str, Any]:
+def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dict[str, Any]:
     results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:
@@ -535,34 +476,24 @@ class Bench:
     def run(self) -> dict[str, Any]:
         p = self.profile
         started = time.time()
-        rabbit = RabbitNode(self.work / "rabbitmq", name=f"jobs-bench-{os.getpid()}")
-        store_node = RedisNode(self.work / "redis")
-        processes: list[Proc] = []
-        try:
-            log("starting private RabbitMQ and Redis nodes")
-            rabbit.start()
-            store_node.start()
-            store = redis.Redis.from_url(store_node.url)
-            connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
-            topology.declare(connection.channel())
-            connection.close()
+        log("starting private RabbitMQ and Redis nodes")
+        with bench_stack(self.work, f"jobs-bench-{os.getpid()}") as (stack, store):
+            rabbit = stack.rabbit
             prefetch = int(os.environ.get("WORKER_PREFETCH") or 2 * int(os.environ.get("WORKER_CONCURRENCY") or 4))
 
             # 1 + 3: no-op ceiling and ingest, interleaved.
-            env = app_env(rabbit, store_node)
-            noop = Gunicorn("noop", ["--pythonpath", str(HERE), "noop_app:app"], env, self.work).start("/healthz")
-            api = Gunicorn("api", ["main_app.wsgi:app"], env, self.work).start("/readyz")
-            processes += [noop.proc, api.proc]
+            noop = start_server(stack, "noop", "--pythonpath", str(HERE), "noop_app:app")
+            api = start_server(stack, "api")
             for server in (noop, api):
                 run_wrk(server.url, p.http_warmup, p.connections)
             purge(rabbit.url)
             store.flushdb()
-            others = {"rabbitmq": rabbit.os_pid(), "redis": store_node.process.pid}
+            others = {"rabbitmq": rabbit.os_pid(), "redis": stack.redis.process.pid}
             for i in range(p.repeats):
                 for name, server in (("noop", noop), ("ingest", api)) if i % 2 == 0 else (("ingest", api),
                                                                                         ("noop", noop)):
-                    result = server.load(p.http_seconds, p.connections, others)
-                    result["worker_rss_mb"] = server.worker_rss()
+                    result = load(server, p.http_seconds, p.connections, others)
+                    result["worker_rss_mb"] = worker_rss(server)
                     log(f"{name}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
                         f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']} "
                         f"CPU us/req: app {result.get('cpu_us_per_req', 0):.0f}, "
@@ -572,7 +503,7 @@ class Bench:
                     if name == "ingest":
                         purge(rabbit.url)
                         store.flushdb()
-            noop.proc.stop()
+            noop.stop()
 
             # 2: raw publish ceilings.
             for _ in range(p.repeats):
@@ -601,7 +532,7 @@ class Bench:
                         log(f"raw consume (prefetch {prefetch}): {rate:.0f} msg/s")
                     else:
                         prefill_jobs(rabbit.url, store, p.consume_messages)
-                        result = worker_drain(rabbit, store_node, self.work, p.consume_messages, f"{name}{i}",
+                        result = worker_drain(stack, p.consume_messages, f"{name}{i}",
                                               tuned if name == "worker_tuned" else {})
                         self.record(name, result)
                         log(f"{name}: {result['jobs_per_s']:.0f} jobs/s, CPU {result['cpu_us_per_job']:.0f} us/job, "
@@ -612,7 +543,7 @@ class Bench:
             # 6: memory while a large backlog drains.
             log(f"pre-filling {p.drain_messages} jobs for the memory drain")
             prefill_jobs(rabbit.url, store, p.drain_messages)
-            drain = worker_drain(rabbit, store_node, self.work, p.drain_messages, "drain", {})
+            drain = worker_drain(stack, p.drain_messages, "drain", {})
             self.results["drain"] = drain
             log(f"drain {p.drain_messages}: {drain['jobs_per_s']:.0f} jobs/s, RSS {drain['rss_mb_start']:.1f} -> "
                 f"{drain['rss_mb_end']:.1f} MB (max {drain['rss_mb_max']:.1f})")
@@ -622,27 +553,15 @@ class Bench:
             # 5: end to end at half the measured maximum ingest.
             ingest_rps = statistics.median(r["rps"] for r in self.runs["ingest"])
             e2e_rate = round(ingest_rps * 0.5)
-            port = free_port()
-            worker = Proc("worker-e2e", [str(BIN / "python"), "-m", "service_app"],
-                          app_env(rabbit, store_node, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port)),
-                          self.work / "worker-e2e.log").start()
-            processes.append(worker)
-            wait_http(f"http://127.0.0.1:{port}/readyz")
+            worker = stack.worker(bench_env(stack), name="worker-e2e").wait_ready()
             end_to_end(api, store, e2e_rate, 1.0)  # warm-up
             for _ in range(p.repeats):
                 result = end_to_end(api, store, e2e_rate, p.e2e_seconds)
                 self.record("e2e", result)
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
                     f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
-            self.results["service_app_rss_mb"] = rss_mb(worker.pid)
-            self.results["gunicorn_worker_rss_mb"] = api.worker_rss()
-            worker.stop()
-            api.proc.stop()
-        finally:
-            for proc in processes:
-                proc.stop()
-            store_node.stop()
-            rabbit.kill()
+            self.results["service_app_rss_mb"] = rss_mb(worker.proc.pid)
+            self.results["gunicorn_worker_rss_mb"] = worker_rss(api)
         self.results["elapsed_s"] = time.time() - started
         return self.summarise(prefetch)
 

@@ -12,10 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="jobs-inproc-metrics-"))
-
-import bench  # noqa: E402
+from jobs_devtools.stack import PrivateStack
 
 
 def timed(name: str, call, n: int = 2000) -> None:
@@ -29,13 +26,14 @@ def timed(name: str, call, n: int = 2000) -> None:
 
 
 def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="jobs-inproc-"))
-    rabbit = bench.RabbitNode(work / "rabbitmq", name=f"jobs-inproc-{os.getpid()}")
-    store_node = bench.RedisNode(work / "redis")
-    rabbit.start()
-    store_node.start()
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="jobs-inproc-metrics-"))
+    with PrivateStack(Path(tempfile.mkdtemp(prefix="jobs-inproc-")), f"jobs-inproc-{os.getpid()}") as stack:
+        return measure(stack)
+
+
+def measure(stack: PrivateStack) -> int:
     token = "inproc-token-0123456789"
-    os.environ.update(RABBITMQ_URL=rabbit.url, REDIS_URL=store_node.url, API_TOKENS=token)
+    os.environ.update(RABBITMQ_URL=stack.rabbit.url, REDIS_URL=stack.redis.url, API_TOKENS=token)
     from jobs_contract import JobMessage, topology
     from jobs_contract.store import utcnow
     from main_app.api import create_app
@@ -58,8 +56,6 @@ def main() -> int:
                                                                  properties, timeout=5))
     finally:
         publisher.stop()
-        store_node.stop()
-        rabbit.kill()
     return 0
 
 

@@ -16,11 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import pika
-import redis
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+from jobs_devtools.bench import bench
 
 GIL_ONLY = False
 
@@ -71,54 +67,32 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jobs-profile-"))
-    rabbit = bench.RabbitNode(work / "rabbitmq", name="jobs-profile")
-    store_node = bench.RedisNode(work / "redis")
-    api = None
     try:
-        rabbit.start()
-        store_node.start()
-        store = redis.Redis.from_url(store_node.url)
-        connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
-        bench.topology.declare(connection.channel())
-        connection.close()
-
-        if args.only != "service-app":
-            api = bench.Gunicorn("api", ["main_app.wsgi:app"], bench.app_env(rabbit, store_node), work)
-            api.start("/readyz")
-            bench.run_wrk(api.url, 2, 50)
-            spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
-            time.sleep(0.5)
-            result = bench.run_wrk(api.url, args.seconds, 50)
-            spy.wait(60)
-            bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
-            api.proc.stop()
-            bench.purge(rabbit.url)
-            store.flushdb()
-        if args.only != "main-app":
-            bench.prefill_jobs(rabbit.url, store, args.jobs)
-            holder: dict[str, subprocess.Popen] = {}
-            original_proc = bench.Proc.start
-
-            def start_and_spy(self: bench.Proc) -> bench.Proc:
-                original_proc(self)
-                holder["spy"] = record(args.py_spy, self.pid, max(5, args.jobs / 1500), out / "service-app")
-                return self
-
-            bench.Proc.start = start_and_spy  # type: ignore[method-assign]
-            drained = bench.worker_drain(rabbit, store_node, work, args.jobs, "profile", {})
-            bench.Proc.start = original_proc  # type: ignore[method-assign]
-            holder["spy"].wait(120)
-            bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
+        with bench.bench_stack(work, "jobs-profile") as (stack, store):
+            if args.only != "service-app":
+                api = bench.start_server(stack, "api")
+                bench.run_wrk(api.url, 2, 50)
+                spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
+                time.sleep(0.5)
+                result = bench.run_wrk(api.url, args.seconds, 50)
+                spy.wait(60)
+                bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
+                api.stop()
+                bench.purge(stack.rabbit.url)
+                store.flushdb()
+            if args.only != "main-app":
+                bench.prefill_jobs(stack.rabbit.url, store, args.jobs)
+                spies: list[subprocess.Popen] = []
+                drained = bench.worker_drain(stack, args.jobs, "profile", {}, on_start=lambda worker: spies.append(
+                    record(args.py_spy, worker.proc.pid, max(5, args.jobs / 1500), out / "service-app")))
+                spies[0].wait(120)
+                bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
         for name in ("main-app", "service-app"):
             raw = (out / name).with_suffix(".txt")
             if raw.exists() and args.only in (None, name):
                 (out / f"{name}-hot.txt").write_text(hottest(raw))
                 print(f"\n== {name} ==\n" + "\n".join(hottest(raw).splitlines()[:40]))
     finally:
-        if api is not None:
-            api.proc.stop()
-        store_node.stop()
-        rabbit.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -31,13 +29,7 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from jobs_devtools.stack import ROOT, Proc, free_port, wait_http
 
 
 def kubectl() -> str:
@@ -186,7 +178,7 @@ class Prometheus:
     evaluation_interval: str = "30s"  # the Prometheus Operator's default
     port: int = field(default_factory=free_port)
     binary: str = field(default_factory=lambda: shutil.which("prometheus") or "/usr/bin/prometheus")
-    process: subprocess.Popen | None = None
+    proc: Proc | None = None
 
     @property
     def url(self) -> str:
@@ -209,32 +201,21 @@ class Prometheus:
         if not Path(self.binary).exists():
             raise RuntimeError("prometheus not installed: apt-get install --no-install-recommends prometheus")
         config = self.write_config()
-        log = open(self.base_dir / "prometheus.log", "ab")
-        self.process = subprocess.Popen(
-            [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.base_dir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
-             "--web.enable-lifecycle"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited:\n{(self.base_dir / 'prometheus.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError("prometheus not ready")
+        args = [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.base_dir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
+                "--web.enable-lifecycle"]
+        self.proc = Proc(args, dict(os.environ), self.base_dir / "prometheus.log", "prometheus").start()
+        try:
+            wait_http(f"{self.url}/-/ready", timeout, interval=0.2, proc=self.proc)
+        except RuntimeError:
+            raise RuntimeError(f"prometheus exited:\n{self.proc.output()[-3000:]}") from None
+        except TimeoutError:
+            raise TimeoutError("prometheus not ready") from None
+        return self
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        if self.proc:
+            self.proc.stop(20)
 
     # ------------------------------------------------------------------ HTTP API
     def api(self, path: str, **params: Any) -> Any:

@@ -32,44 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import hpa  # noqa: E402
-import promstack  # noqa: E402
-from stack import RabbitNode, RedisNode, ensure_erlang_cookie, free_port, wait_for_port  # noqa: E402
+from jobs_devtools.observability import hpa, promstack
+from jobs_devtools.stack import ROOT, PrivateStack, wait_for_port
 
 TOKEN = "scaling-preview-token-0123456789"
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            start_new_session=True)
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    import urllib.request
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def record(prom: promstack.Prometheus, manifests: promstack.Manifests, start_t: float, end_t: float,
@@ -192,43 +158,32 @@ def main() -> int:
     sync = hpa.SYNC_PERIOD_SECONDS
 
     work = Path(tempfile.mkdtemp(prefix="scaling-preview-"))
-    procs: list[subprocess.Popen] = []
-    rabbit = RabbitNode(work / "rabbitmq", name=f"jobs-preview-{os.getpid()}")
-    redis = RedisNode(work / "redis")
-    prom = None
+    print(f"starting a private RabbitMQ, Redis, main-app and {args.workers} worker(s) under {work}", flush=True)
     try:
-        ensure_erlang_cookie()
-        print(f"starting a private RabbitMQ, Redis, main-app and {args.workers} worker(s) under {work}", flush=True)
-        rabbit.start()
-        redis.start()
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "REDIS_", "API_TOKENS"))}
-        base.update({"RABBITMQ_URL": rabbit.url, "REDIS_URL": redis.url, "PYTHONUNBUFFERED": "1",
-                     "PATH": f"{app_bin}:{os.environ['PATH']}"})
-        api_port, api_metrics = free_port(), free_port()
-        gunicorn = [str(app_bin / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"]
-        procs.append(start(gunicorn,
-                           {**base, "API_TOKENS": TOKEN, "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(api_port),
-                            "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(api_metrics),
-                            "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics")}, work / "main-app.log"))
-        worker_targets = []
-        for i in range(args.workers):
-            port = free_port()
-            procs.append(start([str(app_bin / "python"), "-m", "service_app"],
-                               {**base, "METRICS_HOST": "127.0.0.1", "METRICS_PORT": str(port),
-                                "SHUTDOWN_GRACE_SECONDS": "2"}, work / f"service-app-{i}.log"))
-            worker_targets.append(promstack.Target(f"127.0.0.1:{port}", f"service-app-local-{i}", "service-app"))
-        api = f"http://127.0.0.1:{api_port}"
-        wait_http(f"{api}/readyz")
-        for t in worker_targets:
-            wait_http(f"http://{t.address}/readyz")
-        wait_for_port(rabbit.prometheus_port, 30)
+        with PrivateStack(work, f"jobs-preview-{os.getpid()}") as stack:
+            return run_preview(args, stack, manifests, out, app_bin, sync)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-        scrape = promstack.scrape_configs(manifests, {
-            "main-app": [promstack.Target(f"127.0.0.1:{api_metrics}", "main-app-local-0", "main-app")],
-            "service-app": worker_targets,
-            "rabbitmq": [promstack.Target(f"127.0.0.1:{rabbit.prometheus_port}", "rabbitmq-0", "rabbitmq")],
-        })
-        prom = promstack.Prometheus(work / "prometheus", scrape, manifests.rule_groups())
+
+def run_preview(args: argparse.Namespace, stack: PrivateStack, manifests: promstack.Manifests, out: Path,
+                app_bin: Path, sync: float) -> int:
+    base = stack.env(PATH=f"{app_bin}:{os.environ['PATH']}")
+    main_app = stack.api({**base, "API_TOKENS": TOKEN}, bin_dir=app_bin)
+    workers = [stack.worker({**base, "SHUTDOWN_GRACE_SECONDS": "2"}, bin_dir=app_bin) for _ in range(args.workers)]
+    worker_targets = [promstack.Target(f"127.0.0.1:{w.metrics_port}", f"service-app-local-{i}", "service-app")
+                      for i, w in enumerate(workers)]
+    api = main_app.url
+    for app in (main_app, *workers):
+        app.wait_ready(timeout=60)
+    wait_for_port(stack.rabbit.prometheus_port, 30)
+    scrape = promstack.scrape_configs(manifests, {
+        "main-app": [promstack.Target(f"127.0.0.1:{main_app.metrics_port}", "main-app-local-0", "main-app")],
+        "service-app": worker_targets,
+        "rabbitmq": [promstack.Target(f"127.0.0.1:{stack.rabbit.prometheus_port}", "rabbitmq-0", "rabbitmq")],
+    })
+    prom = promstack.Prometheus(stack.work / "prometheus", scrape, manifests.rule_groups())
+    try:
         prom.start()
         prom.wait_targets_up(60)
         print(f"Prometheus {prom.url} scraping {len(prom.targets())} targets", flush=True)
@@ -263,13 +218,7 @@ def main() -> int:
             print(f"note: Locust exited {proc.returncode} (thresholds); the preview was still written", flush=True)
         return 0
     finally:
-        if prom:
-            prom.stop()
-        for p in procs:
-            stop(p)
-        redis.stop()
-        rabbit.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        prom.stop()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,7 @@
 """The bench harness's own logic, without services: wrk output parsing and statistics.
 Run by `make bench-smoke` (not part of `make test`)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "bench"))
-
-import bench  # noqa: E402
+from jobs_devtools.bench import bench
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8000
   1 threads and 50 connections

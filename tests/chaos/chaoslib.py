@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import signal
 import socket
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import redis
 import requests
+
+from jobs_devtools.stack import wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT_DIR = ROOT / "reports" / "chaos"
@@ -399,13 +400,12 @@ class Fleet:
         new = [self.start_worker(self.rabbit_url, self.redis_url, wait_ready=False, **self.env) for _ in range(count)]
         if wait_ready:
             for worker in new:
-                wait_ready_url(f"{worker.url}/readyz", 30)
+                wait_http(f"{worker.url}/readyz", 30)
         self.live += new
         return new
 
     def kill9(self, worker) -> None:
-        os.killpg(worker.proc.process.pid, signal.SIGKILL)
-        worker.proc.process.wait(10)
+        worker.proc.kill9()
         self.live.remove(worker)
         self.exited.append(worker)
 
@@ -427,37 +427,15 @@ class Fleet:
             return False
 
     def pids(self) -> list[int]:
-        return [w.proc.process.pid for w in self.live]
+        return [w.proc.pid for w in self.live]
 
 
 def api_ready(start_api, rabbit_url: str, redis_url: str, **env: str):
     """start_api, then wait for a run of ready answers on fresh connections: readiness is per
     gunicorn worker (each has its own broker connection) and the fixture waits for one only."""
     api = start_api(rabbit_url, redis_url, **env)
-    deadline = time.monotonic() + 30
-    streak = 0
-    while streak < 20:
-        assert time.monotonic() < deadline, "main-app workers did not all become ready"
-        try:
-            streak = streak + 1 if requests.get(f"{api.url}/readyz", timeout=2).status_code == 200 else 0
-        except requests.RequestException:
-            streak = 0
-        time.sleep(0.05)
+    wait_http(f"{api.url}/readyz", 30, streak=20, interval=0.05)
     return api
-
-
-def wait_ready_url(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = requests.get(url, timeout=2).status_code
-            if last == 200:
-                return
-        except requests.RequestException as exc:
-            last = type(exc).__name__
-        time.sleep(0.1)
-    raise AssertionError(f"{url} not ready within {timeout}s (last: {last})")
 
 
 @dataclass

@@ -31,10 +31,10 @@ from chaoslib import (
     metric_values,
     rss_kib,
     wait_final,
-    wait_ready_url,
 )
 
 from jobs_contract import JobStore, topology
+from jobs_devtools.stack import wait_http
 
 pytestmark = pytest.mark.slow
 BACKLOG = int(os.environ.get("CHAOS_BACKLOG_JOBS", "20000"))
@@ -52,10 +52,6 @@ def broker_unacked(prometheus_port: int, queue: str) -> int:
         if line.startswith("rabbitmq_detailed_queue_messages_unacked{") and f'queue="{queue}"' in line:
             return int(float(line.rsplit(" ", 1)[1]))
     return 0
-
-
-def alive(proc) -> bool:
-    return proc.process is not None and proc.process.poll() is None
 
 
 def ghost_jobs(redis_url: str, accepted: set[str]) -> int:
@@ -139,7 +135,7 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
     restarted = time.monotonic()
     first_ok = load.wait_for(lambda o: o.status == 202, 60, after=restarted)
     for worker in workers:  # the same processes reconnect: nobody restarts them
-        wait_ready_url(f"{worker.url}/readyz", 60)
+        wait_http(f"{worker.url}/readyz", 60)
     time.sleep(2)
     load.stop()
 
@@ -162,7 +158,7 @@ def test_broker_crash(row, private_rabbit, redis_node, redis_client, start_api, 
                  f"were started {long_attempts} times")
     assert_accounted(row, accounting, watcher)
     assert row.refused_503 > 0
-    assert alive(api.proc) and all(alive(w.proc) for w in workers)
+    assert api.proc.alive() and all(w.proc.alive() for w in workers)
     assert all(status == "succeeded" for status, _ in accounting.records.values())
 
 
@@ -192,7 +188,7 @@ def test_store_outage(row, how, rabbit, private_redis, amqp, start_api, start_wo
     restarted = time.monotonic()
     first_ok = load.wait_for(lambda o: o.status == 202, 60, after=restarted)
     for worker in workers:
-        wait_ready_url(f"{worker.url}/readyz", 60)
+        wait_http(f"{worker.url}/readyz", 60)
     time.sleep(2)
     load.stop()
 
@@ -203,7 +199,7 @@ def test_store_outage(row, how, rabbit, private_redis, amqp, start_api, start_wo
                  f"reported not ready during it; 202s again {first_ok.sent_at - restarted:.1f}s after the restart")
     assert_accounted(row, accounting, watcher)
     assert row.refused_503 > 0
-    assert alive(api.proc) and all(alive(w.proc) for w in workers)
+    assert api.proc.alive() and all(w.proc.alive() for w in workers)
     assert all(status == "succeeded" for status, _ in accounting.records.values())
 
 
@@ -317,9 +313,9 @@ def test_backlog(row, rabbit, redis_node, redis_client, amqp, start_api, start_w
     unacked = []  # the broker's own count of delivered, unacknowledged messages (lags a few s)
     while time.monotonic() - started < 400:
         for worker in workers:
-            rss[worker.proc.process.pid].append(rss_kib(worker.proc.process.pid))
+            rss[worker.proc.pid].append(rss_kib(worker.proc.pid))
         depth = amqp.queue_declare(topology.QUEUE, passive=True).method.message_count
-        if len(rss[workers[0].proc.process.pid]) % 4 == 1:
+        if len(rss[workers[0].proc.pid]) % 4 == 1:
             unacked.append(broker_unacked(rabbit.prometheus_port, topology.QUEUE))
         if depth == 0:
             break

@@ -6,11 +6,10 @@ import secrets
 import pika
 import pika.exceptions
 import pytest
-from stack import free_port
 
-from conftest import RabbitNode
 from jobs_contract import topology
 from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions, password_hash
+from jobs_devtools.stack import RabbitNode
 
 
 @pytest.fixture(scope="module")
@@ -98,5 +97,3 @@ def test_definitions_cli_refuses_missing_passwords(monkeypatch, capsys):
     assert access.main() == 2
     assert "RABBITMQ_SERVICE_APP_PASSWORD is not set" in capsys.readouterr().err
 
-
-__all__ = ["free_port"]

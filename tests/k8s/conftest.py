@@ -6,7 +6,6 @@ import copy
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from jobs_devtools.observability import promstack
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -29,13 +30,11 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
 
 def kubectl() -> str:
-    tools = ROOT / ".tools" / "k8s" / "bin" / "kubectl"
-    if tools.exists():
-        return str(tools)
-    found = shutil.which("kubectl")
-    if not found:
-        pytest.fail("kubectl not found: run `make k8s-tools` (pinned kubectl in .tools/k8s/bin)")
-    return found
+    """The pinned kubectl of .tools/k8s/bin, else kubectl on PATH (as promstack finds it)."""
+    try:
+        return promstack.kubectl()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def render_dir(path: Path) -> list[dict]:

@@ -2,7 +2,7 @@
 
 The apps are started from the project's .venv with exactly the environment the ci
 overlay gives their containers (ConfigMaps and Secrets resolved), against private
-RabbitMQ and Redis nodes from scripts/stack.py (the local stack's helper). Only the
+RabbitMQ and Redis nodes from jobs_devtools.stack (scripts/stack.py, the local stack's helper). Only the
 URLs of those nodes, the token file path and the listening ports (free ports, so a
 running `make run` does not collide) are substituted; the test proves separately that
 the manifests' port variables equal the container ports.
@@ -22,8 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, find, pod_spec, skaffold_verify_job
+from jobs_devtools.stack import App, RabbitNode, RedisNode, start_api, start_worker, wait_http
 
 pytestmark = pytest.mark.apps
 
@@ -223,29 +222,6 @@ def test_app_defaults_equal_container_ports():
 # ----------------------------------------------------------------- running system
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 60, expect=(200,)) -> int:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                last = resp.status
-        except urllib.error.HTTPError as exc:
-            last = exc.code
-        except OSError:
-            last = None
-        if last in expect:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"{url}: {last} after {timeout}s")
-
-
 def get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -258,27 +234,14 @@ def secret_data(docs, name: str) -> dict[str, str]:
     return {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", name)["data"].items()}
 
 
-class RedisServer:
+def redis_server(docs, base: Path) -> RedisNode:
     """redis-server with the ci StatefulSet's own arguments (password from its Secret)."""
-
-    def __init__(self, docs, base: Path):
-        (container,) = pod_spec(find(docs, "StatefulSet", "redis"))["containers"]
-        password = secret_data(docs, secret_name(docs, "redis-credentials"))["REDIS_PASSWORD"]
-        args = [a.replace("$(REDIS_PASSWORD)", password) for a in container["args"]]
-        base.mkdir(parents=True, exist_ok=True)
-        args[args.index("--dir") + 1] = str(base)
-        self.port = free_port()
-        server = shutil.which("redis-server") or pytest.fail("redis-server missing: `make services-deps`")
-        self.proc = subprocess.Popen(
-            [server, *args, "--port", str(self.port), "--bind", "127.0.0.1", "--daemonize", "no"],
-            stdout=open(base / "redis.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+    (container,) = pod_spec(find(docs, "StatefulSet", "redis"))["containers"]
+    password = secret_data(docs, secret_name(docs, "redis-credentials"))["REDIS_PASSWORD"]
+    args = [a.replace("$(REDIS_PASSWORD)", password) for a in container["args"]]
+    args[args.index("--dir") + 1] = str(base)
+    shutil.which("redis-server") or pytest.fail("redis-server missing: `make services-deps`")
+    return RedisNode(base, args=args)
 
 
 def local_url(url: str, host: str, port: int) -> str:
@@ -292,11 +255,6 @@ def backends(rendered, tmp_path_factory):
     and topology) and Redis with the ci StatefulSet's arguments and password."""
     if not (VENV_BIN / "python").exists():
         pytest.fail("the project venv is missing: run `make venv` (make test-k8s does)")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from stack import RabbitNode, wait_for_port  # the local stack's helpers (scripts/stack.py)
-    finally:
-        sys.path.pop(0)
     docs = rendered["ci"]
     definitions = json.loads(secret_data(docs, secret_name(docs, "rabbitmq-definitions"))["definitions.json"])
     admin = secret_data(docs, secret_name(docs, "rabbitmq-credentials"))
@@ -311,8 +269,7 @@ def backends(rendered, tmp_path_factory):
     redis = None
     try:
         rabbit.start(timeout=90)
-        redis = RedisServer(docs, base / "redis")
-        wait_for_port(redis.port, 15)
+        redis = redis_server(docs, base / "redis").start()
     except Exception as exc:  # noqa: BLE001
         rabbit.stop()
         if redis:
@@ -328,25 +285,8 @@ def secret_name(docs, prefix: str) -> str:
     return next(n for n in names if n == prefix or n.startswith(prefix + "-"))
 
 
-class App:
-    def __init__(self, name, cmd, env, log):
-        self.name = name
-        self.log = log
-        self.proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-    def tail(self):
-        return Path(self.log).read_text(errors="replace")[-3000:]
+def tail(app: App) -> str:
+    return app.proc.output()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +301,6 @@ def system(rendered, backends, tmp_path_factory):
         find(docs, "Secret", "main-app-api-tokens")["data"]
         and base64.b64decode(find(docs, "Secret", "main-app-api-tokens")["data"]["tokens"]).decode()
     )
-    ports = {"http": free_port(), "main-metrics": free_port(), "worker-metrics": free_port()}
     base_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL")}
     base_env["PATH"] = f"{VENV_BIN}:{base_env.get('PATH', '/usr/bin:/bin')}"
     main = container_env(docs, "main-app")
@@ -372,10 +311,6 @@ def system(rendered, backends, tmp_path_factory):
         "RABBITMQ_URL": local_url(main["RABBITMQ_URL"], "rabbitmq", rabbit.amqp_port),
         "REDIS_URL": local_url(main["REDIS_URL"], "redis", redis.port),
         "API_TOKENS_FILE": str(token_file),
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(ports["http"]),
-        "METRICS_HOST": "127.0.0.1",
-        "METRICS_PORT": str(ports["main-metrics"]),
         "PROMETHEUS_MULTIPROC_DIR": str(work / "main-app-metrics"),
     }
     worker_env = {
@@ -383,31 +318,24 @@ def system(rendered, backends, tmp_path_factory):
         **worker,
         "RABBITMQ_URL": local_url(worker["RABBITMQ_URL"], "rabbitmq", rabbit.amqp_port),
         "REDIS_URL": local_url(worker["REDIS_URL"], "redis", redis.port),
-        "METRICS_HOST": "127.0.0.1",
-        "METRICS_PORT": str(ports["worker-metrics"]),
     }
-    apps = [
-        App(
-            "main-app",
-            [str(VENV_BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
-            main_env,
-            work / "main-app.log",
-        ),
-        App("service-app", [str(VENV_BIN / "python"), "-m", "service_app"], worker_env, work / "service-app.log"),
-    ]
+    main_app = start_api(main_env, work, bin_dir=VENV_BIN)
+    service_app = start_worker(worker_env, work, bin_dir=VENV_BIN)
+    apps: list[App] = [main_app, service_app]
     try:
-        wait_http(f"http://127.0.0.1:{ports['http']}/healthz")
-        wait_http(f"http://127.0.0.1:{ports['worker-metrics']}/healthz")
-    except AssertionError as exc:
-        logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in apps)
+        for app in apps:
+            wait_http(f"{app.url}/healthz", 60, interval=0.3)
+    except (TimeoutError, RuntimeError) as exc:
+        logs = "\n".join(f"--- {a.proc.name}\n{tail(a)}" for a in apps)
         for a in apps:
             a.stop()
         pytest.fail(f"{exc}\n{logs}")
+    ports = {"http": main_app.port, "main-metrics": main_app.metrics_port, "worker-metrics": service_app.metrics_port}
     yield {"ports": ports, "token_file": token_file, "rabbit": rabbit, "apps": apps, "docs": docs}
     for a in apps:
-        a.stop()
+        a.stop(40, group=True)
     for a in apps:
-        assert a.proc.returncode == 0, f"{a.name} exited {a.proc.returncode} on SIGTERM:\n{a.tail()}"
+        assert a.proc.returncode == 0, f"{a.proc.name} exited {a.proc.returncode} on SIGTERM:\n{tail(a)}"
 
 
 def test_probe_paths_answer_on_the_probed_ports(system):
@@ -422,7 +350,7 @@ def test_probe_paths_answer_on_the_probed_ports(system):
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             http = container[probe]["httpGet"]
             url = f"http://127.0.0.1:{port_of[(app, http['port'])]}{http['path']}"
-            assert wait_http(url, timeout=30) == 200, url
+            assert wait_http(url, timeout=30, interval=0.3) == 200, url
 
 
 def test_metrics_served_on_metrics_port_not_api_port(system):
@@ -449,7 +377,7 @@ def test_smoke_job_script_passes_against_the_running_apps(system, diagnose):
     proc = subprocess.run(
         [sys.executable, "-c", container["command"][2]], env=env, capture_output=True, text=True, timeout=120
     )
-    logs = "\n".join(f"--- {a.name}\n{a.tail()}" for a in system["apps"])
+    logs = "\n".join(f"--- {a.proc.name}\n{tail(a)}" for a in system["apps"])
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     assert proc.stdout.count("ok   ") == 6
 

@@ -1,4 +1,4 @@
-"""Boot a private RabbitMQ node (scripts/stack.py) with the configuration the cluster
+"""Boot a private RabbitMQ node (jobs_devtools.stack, scripts/stack.py) with the configuration the cluster
 uses (rabbitmq/rabbitmq.conf, rabbitmq/enabled_plugins): a misspelt key or a bad value
 stops the node at boot, so this catches them before a pod crash-loops.
 
@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
+from jobs_devtools.stack import RabbitNode, free_port
 
 RABBITMQ_LIB = Path("/usr/lib/rabbitmq/lib")
 # Replaced for the test node: ports, and the definitions path (the Secret's mount point
@@ -49,12 +49,6 @@ def plugins(path: Path) -> tuple[str, ...]:
 
 @pytest.fixture
 def node_class():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        from stack import RabbitNode, free_port
-    finally:
-        sys.path.pop(0)
-
     class ProjectConfNode(RabbitNode):
         """A private node whose rabbitmq.conf is the project's, with test ports."""
 

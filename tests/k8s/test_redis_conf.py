@@ -8,19 +8,13 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 
 from conftest import find, pod_spec
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from jobs_devtools.stack import RedisNode
 
 
 @pytest.mark.parametrize("overlay", ["ci", "prod"])
@@ -33,12 +27,9 @@ def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
     password = secrets.token_hex(16)
     args = [a.replace("$(REDIS_PASSWORD)", password) for a in container["args"]]
     args[args.index("--dir") + 1] = str(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen(
-        [server, *args, "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "no"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    node = RedisNode(tmp_path, args=args)
+    node.start()
+    port, proc = node.port, node.process
     try:
         env = {**os.environ, "REDISCLI_AUTH": password}
         deadline = time.monotonic() + 15
@@ -50,7 +41,7 @@ def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
             if "PONG" in out or proc.poll() is not None:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read().decode()
+        assert proc.poll() is None, node.output()
         assert "PONG" in out
 
         def config(name):
@@ -70,5 +61,4 @@ def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
         names = {e["name"] for e in container["env"]}
         assert "REDISCLI_AUTH" in names
     finally:
-        proc.terminate()
-        proc.wait(10)
+        node.stop()

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts" / "observability"))
-
-import promstack  # noqa: E402
+from jobs_devtools.observability import promstack
+from jobs_devtools.stack import ROOT
 
 DASHBOARD = ROOT / "k8s" / "components" / "monitoring" / "grafana-dashboard-jobs.json"
 # legend text of a target line -> (ScaledObject, trigger)

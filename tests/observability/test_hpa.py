@@ -4,15 +4,18 @@ policies, stabilization window, default behavior) and against this repo's manife
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "observability"))
-
-import hpa  # noqa: E402
-from hpa import DEFAULT_SCALE_DOWN, DEFAULT_SCALE_UP, Autoscaler, Config, Metric, Policy, Rules  # noqa: E402
+from jobs_devtools.observability import hpa
+from jobs_devtools.observability.hpa import (
+    DEFAULT_SCALE_DOWN,
+    DEFAULT_SCALE_UP,
+    Autoscaler,
+    Config,
+    Metric,
+    Policy,
+    Rules,
+)
 
 AVG = Metric("m", 0.1, kind="average")  # target 100m per pod
 

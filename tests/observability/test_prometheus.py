@@ -22,22 +22,16 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import requests
 
-from conftest import BIN, TOKEN, Proc, base_env, free_port, wait_http
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts" / "observability"))
-
-import hpa  # noqa: E402
-import promstack  # noqa: E402
+from conftest import TOKEN
+from jobs_devtools.observability import hpa, promstack
+from jobs_devtools.stack import ROOT, App, app_env, start_api, start_worker
 
 OVERLAY = "ci"
 RATE = 60.0  # GET requests per second over both APIs
@@ -121,33 +115,27 @@ def _pace(api: str, job_ids: list[str], rate: float, stop: threading.Event, time
 def scenario(rabbit, redis_node, tmp_path_factory) -> Scenario:
     tmp = tmp_path_factory.mktemp("observability")
     manifests = promstack.Manifests(promstack.render(OVERLAY))
-    procs: list[Proc] = []
+    apps: list[App] = []
     prom = None
     try:
         apis, api_targets, worker_targets, metrics_urls = [], [], [], {}
         for i in range(2):
-            port, metrics_port = free_port(), free_port()
-            env = base_env(rabbit.url, redis_node.url, API_TOKENS=TOKEN, HTTP_HOST="127.0.0.1", HTTP_PORT=str(port),
-                           METRICS_HOST="127.0.0.1", METRICS_PORT=str(metrics_port), GUNICORN_WORKERS="2",
-                           PROMETHEUS_MULTIPROC_DIR=str(tmp / f"prom-{port}"))
-            procs.append(Proc([str(BIN / "gunicorn"), "--config", "python:main_app.gunicorn_conf", "main_app.wsgi:app"],
-                              env, tmp / f"main-app-{i}.log").start())
-            apis.append(f"http://127.0.0.1:{port}")
-            api_targets.append(promstack.Target(f"127.0.0.1:{metrics_port}", f"main-app-local-{i}", "main-app"))
-            metrics_urls.setdefault("main-app", f"http://127.0.0.1:{metrics_port}/metrics")
+            app = start_api(app_env(rabbit.url, redis_node.url, API_TOKENS=TOKEN, GUNICORN_WORKERS="2"), tmp)
+            apps.append(app)
+            apis.append(app.url)
+            api_targets.append(promstack.Target(f"127.0.0.1:{app.metrics_port}", f"main-app-local-{i}", "main-app"))
+            metrics_urls.setdefault("main-app", app.metrics_url)
         for i in range(WORKERS):
-            port = free_port()
-            env = base_env(rabbit.url, redis_node.url, METRICS_HOST="127.0.0.1", METRICS_PORT=str(port),
-                           WORKER_CONCURRENCY=str(CONCURRENCY), WORKER_PREFETCH=str(PREFETCH), MAX_ATTEMPTS="2",
-                           RETRY_BACKOFF_BASE_SECONDS="0.1", RETRY_BACKOFF_MAX_SECONDS="0.5",
-                           SHUTDOWN_GRACE_SECONDS="1")
-            procs.append(Proc([sys.executable, "-m", "service_app"], env, tmp / f"service-app-{i}.log").start())
-            worker_targets.append(promstack.Target(f"127.0.0.1:{port}", f"service-app-local-{i}", "service-app"))
-            metrics_urls.setdefault("service-app", f"http://127.0.0.1:{port}/metrics")
-        for api in apis:
-            wait_http(f"{api}/readyz")
-        for t in worker_targets:
-            wait_http(f"http://{t.address}/readyz")
+            app = start_worker(app_env(rabbit.url, redis_node.url, WORKER_CONCURRENCY=str(CONCURRENCY),
+                                       WORKER_PREFETCH=str(PREFETCH), MAX_ATTEMPTS="2",
+                                       RETRY_BACKOFF_BASE_SECONDS="0.1", RETRY_BACKOFF_MAX_SECONDS="0.5",
+                                       SHUTDOWN_GRACE_SECONDS="1"), tmp)
+            apps.append(app)
+            worker_targets.append(promstack.Target(f"127.0.0.1:{app.metrics_port}", f"service-app-local-{i}",
+                                                   "service-app"))
+            metrics_urls.setdefault("service-app", app.metrics_url)
+        for app in apps:
+            app.wait_ready()
 
         rabbit_target = [promstack.Target(f"127.0.0.1:{rabbit.prometheus_port}", "rabbitmq-0", "rabbitmq")]
         scrape = promstack.scrape_configs(manifests, {"main-app": api_targets, "service-app": worker_targets,
@@ -203,8 +191,8 @@ def scenario(rabbit, redis_node, tmp_path_factory) -> Scenario:
     finally:
         if prom:
             prom.stop()
-        for proc in procs:
-            proc.stop()
+        for app in apps:
+            app.stop()
 
 
 def close(actual: float | None, expected: float, rel: float, what: str) -> None:

@@ -142,8 +142,7 @@ def test_scripts_compile(script):
 
 
 def test_locust_job_renders_and_uses_the_pinned_version():
-    sys.path.insert(0, str(ROOT / "scripts" / "observability"))
-    import promstack
+    from jobs_devtools.observability import promstack
 
     proc = subprocess.run([promstack.kubectl(), "kustomize", str(ROOT / "loadtest")], capture_output=True, text=True,
                           timeout=60)
@@ -176,9 +175,7 @@ class FakePrometheus:
 
 
 def test_preview_records_and_replays_the_rendered_configuration(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts" / "observability"))
-    import promstack
-    import scaling_preview
+    from jobs_devtools.observability import promstack, scaling_preview
 
     manifests = promstack.Manifests(promstack.render("dev"))
     prom = FakePrometheus({"jobs_api_http_requests_total": 50.0, "rabbitmq_detailed_queue_messages_ready": 100.0,

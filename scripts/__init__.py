@@ -1,0 +1,1 @@
+"""The project's dev tooling, installed from scripts/ (see scripts/pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""The autoscaling signals tooling: promstack, hpa, scaling preview and demo (docs/observability.md)."""
