@@ -39,11 +39,9 @@ import urllib.parse
 from datetime import datetime
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
+from jobs_devtools.observability import hpa
 
-import hpa  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 DEPLOYMENTS = ("main-app", "service-app")
 SYNC_SECONDS = 15
