@@ -6,6 +6,7 @@ import signal
 import sys
 
 from jobs_contract import JobStore
+from jobs_contract.logs import configure_logging
 from jobs_contract.settings import ConfigError
 from service_app import health
 from service_app.config import Settings
@@ -14,12 +15,7 @@ from service_app.worker import Worker
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s [service-app %(process)d] %(name)s: %(message)s",
-    )
-    # pika logs every failed connect as an error; the apps log their own, single warning.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    configure_logging("service-app", os.environ.get("LOG_LEVEL", "INFO"))
     log = logging.getLogger("service_app")
     try:
         settings = Settings.from_env()

@@ -3,6 +3,7 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 from jobs_contract import DeadLetterReason
+from jobs_contract.metrics import child
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -31,8 +32,8 @@ OUTCOMES = ("succeeded", "failed", "retried", "skipped")
 def initialise(job_types) -> None:
     """Series start at 0, so that rate() and increase() see the first event after a start."""
     for job_type in job_types:
-        RETRIES.labels(job_type)
+        child(RETRIES, job_type)
         for outcome in OUTCOMES:
-            JOBS_PROCESSED.labels(job_type, outcome)
+            child(JOBS_PROCESSED, job_type, outcome)
     for reason in DeadLetterReason:
-        DEAD_LETTERED.labels(reason)
+        child(DEAD_LETTERED, reason)

@@ -9,7 +9,6 @@ on a second connection (retry_publisher.py), so a broker that blocks publishers
 (resource alarm) or refuses a retry copy holds up that one message only.
 """
 
-import collections
 import ctypes
 import logging
 import threading
@@ -27,6 +26,8 @@ import redis
 from jobs_contract import FINAL_STATUSES, DeadLetterReason, JobMessage, JobStore, PoisonMessage, topology
 from jobs_contract.backoff import compute_backoff, reconnect_delay
 from jobs_contract.catalog import RequestValidator, ValidationFailed
+from jobs_contract.handoff import Handoff
+from jobs_contract.metrics import child
 from service_app import metrics
 from service_app.config import Settings
 from service_app.jobs import HANDLERS, JobContext
@@ -86,9 +87,7 @@ class Worker:
         self.retries = RetryPublisher(settings.rabbitmq_url)
         # Outcomes handed back by job threads, settled by the main thread in batches: one
         # wake-up of the connection for many, and one `multiple` ack where the tags allow.
-        self._settles: collections.deque = collections.deque()
-        self._settle_lock = threading.Lock()
-        self._settle_pending = False
+        self._settles: Handoff[tuple[int, int, JobMessage, Settle]] = Handoff()
         # Delivery tags of the current channel not yet acked or rejected (main thread only):
         # exactly the broker's unacked set, so a `multiple` ack never covers a message
         # that has no recorded outcome.
@@ -146,8 +145,7 @@ class Worker:
             self._generation += 1
             generation = self._generation
             self._unsettled = {generation: 0}
-        with self._settle_lock:  # a wake-up sent to the previous connection was lost with it
-            self._settle_pending = False
+        self._settles.reset()  # a wake-up sent to the previous connection was lost with it
         self._settle_all()
         cancelled = threading.Event()
         channel.add_on_cancel_callback(lambda _frame: cancelled.set())
@@ -212,7 +210,7 @@ class Worker:
                 self._dispatch(generation, method.delivery_tag, job, poison=(reason, detail))
                 return
             log.error("poison message %s dead-lettered (%s)", properties.message_id, reason)
-            metrics.DEAD_LETTERED.labels(reason).inc()
+            child(metrics.DEAD_LETTERED, reason).inc()
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
         self._dispatch(generation, method.delivery_tag, job)
@@ -226,15 +224,9 @@ class Worker:
 
     def _settle_all(self) -> None:
         """Settle every outcome handed back so far (main thread)."""
-        with self._settle_lock:
-            self._settle_pending = False
         acks: list[int] = []
         try:
-            while self._settles:
-                try:
-                    generation, delivery_tag, job, settle = self._settles.popleft()
-                except IndexError:
-                    break
+            for generation, delivery_tag, job, settle in self._settles.take():
                 if self._settle(generation, delivery_tag, job, settle):
                     acks.append(delivery_tag)
         finally:  # whatever goes wrong with one message, the batch's acks are sent
@@ -270,7 +262,7 @@ class Worker:
         if settle.action is SettleAction.REQUEUE:
             self._channel.basic_reject(delivery_tag, requeue=True)
         else:
-            metrics.DEAD_LETTERED.labels(settle.reason).inc()
+            child(metrics.DEAD_LETTERED, settle.reason).inc()
             self._channel.basic_reject(delivery_tag, requeue=False)
         return False
 
@@ -330,16 +322,9 @@ class Worker:
         if settle is None or connection is None:
             self._release(generation)
             return
-        self._settles.append((generation, delivery_tag, job, settle))
-        with self._settle_lock:
-            wake = not self._settle_pending
-            self._settle_pending = True
-        if wake:
-            try:
-                connection.add_callback_threadsafe(self._settle_all)
-            except Exception:  # that connection is closed; the consume loop settles what is left
-                with self._settle_lock:
-                    self._settle_pending = False
+        # If that connection is closed, the consume loop settles what is left.
+        self._settles.put((generation, delivery_tag, job, settle), connection,
+                          lambda: connection.add_callback_threadsafe(self._settle_all))
 
     def _publish_retry(self, generation: int, job: JobMessage, delay_seconds: float) -> bool:
         """Publish the next attempt to the delay queue of its backoff (job thread). While the broker
@@ -368,7 +353,7 @@ class Worker:
         if job.delivery_count >= settings.max_redeliveries:
             recorded = self._record(self.store.get, job.id)
             if recorded is not None and recorded["status"] in FINAL_STATUSES:  # its worker died after recording it
-                metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
+                child(metrics.JOBS_PROCESSED, job.type, "skipped").inc()
                 return Settle(SettleAction.ACK)
             error = (f"delivered {job.delivery_count} times without an outcome (a worker crashed or was killed "
                      f"each time); giving up")
@@ -378,7 +363,7 @@ class Worker:
 
         previous = self._record(self.store.begin, job.id, job.client, job.type, job.created_at, job.redelivered)
         if previous in FINAL_STATUSES or previous == "duplicate":
-            metrics.JOBS_PROCESSED.labels(job.type, "skipped").inc()
+            child(metrics.JOBS_PROCESSED, job.type, "skipped").inc()
             return Settle(SettleAction.ACK)
 
         ctx = JobContext(job_id=job.id, attempt=job.attempt, max_attempts=settings.max_attempts)
@@ -394,7 +379,7 @@ class Worker:
             error, outcome = None, "succeeded"
         finally:
             self._running_delta(-1)
-            metrics.JOB_DURATION.labels(job.type).observe(time.perf_counter() - started)
+            child(metrics.JOB_DURATION, job.type).observe(time.perf_counter() - started)
 
         identity = _identity(job)
         if outcome == "succeeded":
@@ -409,8 +394,8 @@ class Worker:
                                     settings.retry_backoff_max_seconds)
             log.info("job %s attempt %d failed (%s); retrying in %.2fs", job.id, job.attempt, error_type, delay)
             self._record(self.store.retrying, job.id, error, identity=identity)
-            metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
-            metrics.RETRIES.labels(job.type).inc()
+            child(metrics.JOBS_PROCESSED, job.type, outcome).inc()
+            child(metrics.RETRIES, job.type).inc()
             return Settle(SettleAction.RETRY, delay_seconds=delay)
         log.warning("job %s failed after %d attempts (%s)", job.id, job.attempt, error_type)
         self._record(self.store.fail, job.id, error, identity=identity)
@@ -420,7 +405,7 @@ class Worker:
     def _fail_poison(self, job: JobMessage, reason: DeadLetterReason, detail: str) -> Settle:
         log.error("job %s cannot run here (%s); failed and dead-lettered", job.id, reason)
         self._record(self.store.fail, job.id, detail[:2000], identity=_identity(job))
-        metrics.JOBS_PROCESSED.labels(job.type if job.type in HANDLERS else "unknown", "failed").inc()
+        child(metrics.JOBS_PROCESSED, job.type if job.type in HANDLERS else "unknown", "failed").inc()
         return Settle(SettleAction.DEAD, reason=reason)
 
     def _record(self, operation, *args, **kwargs):
@@ -449,8 +434,8 @@ class Worker:
 
     @staticmethod
     def _observe_final(job: JobMessage, outcome: str) -> None:
-        metrics.JOBS_PROCESSED.labels(job.type, outcome).inc()
-        metrics.JOB_LATENCY.labels(job.type).observe(max(0.0, time.time() - job.enqueued_at))
+        child(metrics.JOBS_PROCESSED, job.type, outcome).inc()
+        child(metrics.JOB_LATENCY, job.type).observe(max(0.0, time.time() - job.enqueued_at))
 
 
 def _identity(job: JobMessage) -> dict:
