@@ -7,7 +7,7 @@ import sys
 
 from jobs_contract import JobStore
 from jobs_contract.logs import configure_logging
-from jobs_contract.settings import ConfigError
+from jobs_contract.settings import ConfigError, log_level_from_env
 from service_app import health
 from service_app.config import Settings
 from service_app.jobs import check_catalog
@@ -15,7 +15,7 @@ from service_app.worker import Worker
 
 
 def main() -> int:
-    configure_logging("service-app", os.environ.get("LOG_LEVEL", "INFO"))
+    configure_logging("service-app", log_level_from_env())
     log = logging.getLogger("service_app")
     try:
         settings = Settings.from_env()
