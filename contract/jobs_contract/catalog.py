@@ -12,24 +12,20 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-from jobs_contract.settings import env_int
+from jobs_contract.env import env, load
 
 
 @dataclass(frozen=True)
 class Limits:
     """Upper bounds on payload values that would otherwise tie up workers."""
 
-    max_sleep_seconds: int = 300
-    max_cpu_ms: int = 60_000
-    max_fail_times: int = 20
+    max_sleep_seconds: int = env("JOB_MAX_SLEEP_SECONDS", 300, minimum=0)
+    max_cpu_ms: int = env("JOB_MAX_CPU_MS", 60_000, minimum=0)
+    max_fail_times: int = env("JOB_MAX_FAIL_TIMES", 20, minimum=0)
 
     @classmethod
     def from_env(cls) -> "Limits":
-        return cls(
-            max_sleep_seconds=env_int("JOB_MAX_SLEEP_SECONDS", cls.max_sleep_seconds, minimum=0),
-            max_cpu_ms=env_int("JOB_MAX_CPU_MS", cls.max_cpu_ms, minimum=0),
-            max_fail_times=env_int("JOB_MAX_FAIL_TIMES", cls.max_fail_times, minimum=0),
-        )
+        return load(cls)
 
 
 def payload_schemas(limits: Limits) -> dict[str, dict[str, Any]]:

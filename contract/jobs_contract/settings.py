@@ -1,49 +1,32 @@
-"""Reading configuration from the environment, with errors that name the variable."""
+"""The settings both apps read, declared once (env.py says how fields are declared and read).
 
-import os
+Each app's own settings extend SharedSettings in its config module, the one place that
+app declares its environment variables.
+"""
 
+from dataclasses import dataclass
 
-class ConfigError(ValueError):
-    """A configuration variable is missing or malformed."""
+from jobs_contract.catalog import Limits
+from jobs_contract.env import ConfigError, env, env_bool, env_float, env_int, env_str, load, nested
 
-
-def env_str(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
-def env_int(name: str, default: int, minimum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
+__all__ = ["ConfigError", "LogSettings", "SharedSettings", "env_bool", "env_float", "env_int", "env_str",
+           "log_level_from_env"]
 
 
-def env_float(name: str, default: float, minimum: float | None = None) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    log_level: str = env("LOG_LEVEL", "INFO")
 
 
-def env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+@dataclass(frozen=True, kw_only=True)
+class SharedSettings(LogSettings):
+    rabbitmq_url: str = env("RABBITMQ_URL", "amqp://localhost:5672/%2F")  # credentials in it; one user per app
+    redis_url: str = env("REDIS_URL", "redis://localhost:6379/0")
+    job_ttl_seconds: int = env("JOB_TTL_SECONDS", 7 * 86400, minimum=60)
+    declare_topology: bool = env("DECLARE_TOPOLOGY", True)
+    limits: Limits = nested(Limits)
+
+
+def log_level_from_env() -> str:
+    """LOG_LEVEL alone, read before the rest, so that a configuration error is logged as configured."""
+    return load(LogSettings).log_level

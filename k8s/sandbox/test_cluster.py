@@ -34,7 +34,7 @@ import uuid
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NAMESPACE = "jobs"
-HEALTHZ_SOURCE = REPO / "main-app" / "main_app" / "api.py"
+HEALTHZ_SOURCE = REPO / "main-app" / "main_app" / "views.py"
 HEALTHZ_BODY = b'{"status":"ok"}'
 # Every job type and what it must end as (the catalog's documented behaviour).
 EXPECTED = {

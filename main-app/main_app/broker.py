@@ -11,7 +11,6 @@ the loop also drains the outbox on a timer as a backstop. A publisher whose loop
 leaves messages waiting is not ready (`ready`), whatever its connection says.
 """
 
-import collections
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from pika.spec import Basic
 
 from jobs_contract import topology
 from jobs_contract.backoff import reconnect_delay
+from jobs_contract.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,9 @@ class Publisher:
         self._pending: dict[int, tuple[Future, str | None]] = {}
         self._returned: set[str] = set()
         self._delivery_tag = 0
-        # Messages handed over by request threads, published by the loop thread.
-        self._outbox: collections.deque = collections.deque()
-        self._outbox_lock = threading.Lock()
-        # The connection whose loop was last sent a wake-up that it has not acted on yet.
-        self._woken: SelectConnection | None = None
+        # Messages handed over by request threads, published by the loop thread; under load
+        # one wake-up (a write to pika's interrupt socket) carries many messages.
+        self._outbox: Handoff[_Outgoing] = Handoff()
         # A message waiting longer than this for the loop means the publisher is not publishing.
         self._stall_seconds = stall_seconds
         self._ready = threading.Event()
@@ -90,11 +88,8 @@ class Publisher:
     @property
     def stalled(self) -> bool:
         """A handed-over message has waited for the loop longer than stall_seconds."""
-        try:
-            oldest = self._outbox[0]
-        except IndexError:
-            return False
-        return time.monotonic() - oldest.queued_at > self._stall_seconds
+        oldest = self._outbox.oldest()
+        return oldest is not None and time.monotonic() - oldest.queued_at > self._stall_seconds
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -106,18 +101,10 @@ class Publisher:
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
         future: Future = Future()
-        self._outbox.append(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic()))
-        # Wake the loop only if this connection's loop has a wake-up pending already: under
-        # load one wake-up (a write to pika's interrupt socket) carries many messages. One
-        # sent to a connection that died meanwhile does not count for its successor.
-        with self._outbox_lock:
-            wake = self._woken is not connection
-            self._woken = connection
-        if wake:
-            try:
-                connection.ioloop.add_callback_threadsafe(self._publish_outbox)
-            except Exception:  # that connection's loop is gone; the next connection drains the outbox
-                pass
+        # The wake-up is tied to this connection: one sent to a connection that died meanwhile
+        # does not count for its successor (which drains the outbox when it opens, and on a timer).
+        self._outbox.put(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic()), connection,
+                         lambda: connection.ioloop.add_callback_threadsafe(self._publish_outbox))
         try:
             future.result(timeout)
         except FutureTimeout:
@@ -243,14 +230,7 @@ class Publisher:
         connection.ioloop.call_later(BACKSTOP_DRAIN_SECONDS, lambda: self._drain_periodically(connection))
 
     def _publish_outbox(self) -> None:
-        with self._outbox_lock:
-            self._woken = None
-        outbox = self._outbox
-        while outbox:
-            try:
-                item = outbox.popleft()
-            except IndexError:
-                break
+        for item in self._outbox.take():
             self._publish_on_loop(item)
 
     def _publish_on_loop(self, item: _Outgoing) -> None:
@@ -304,10 +284,6 @@ class Publisher:
         for future, _ in pending.values():  # written, never confirmed
             if not future.done():
                 future.set_exception(BrokerUnavailable(reason, maybe_published=True))
-        while self._outbox:  # handed over but not published: fail them now rather than at their timeout
-            try:
-                future = self._outbox.popleft().future
-            except IndexError:
-                break
-            if future.set_running_or_notify_cancel():
-                future.set_exception(BrokerUnavailable(reason))
+        for item in self._outbox.take():  # handed over but not published: fail them now, not at their timeout
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(BrokerUnavailable(reason))

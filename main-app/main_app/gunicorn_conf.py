@@ -1,4 +1,4 @@
-"""gunicorn settings for main-app, from the environment.
+"""gunicorn settings for main-app, from its ServerSettings (config.py).
 
 Metrics: each worker writes its samples to PROMETHEUS_MULTIPROC_DIR; the master
 wipes that directory at start, serves the aggregate on METRICS_PORT (never on
@@ -8,22 +8,23 @@ the API port) and marks dead workers so their live gauges drop out.
 import os
 import shutil
 
-from jobs_contract.settings import env_bool, env_int, env_str
+from main_app.config import ServerSettings
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", "/tmp/main-app-metrics")
-_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+_server = ServerSettings.from_env()
+# prometheus_client in the workers reads it from the environment.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _server.metrics_dir
 
-bind = [f"{env_str('HTTP_HOST', '0.0.0.0')}:{env_int('HTTP_PORT', 8000)}"]
+bind = [f"{_server.http_host}:{_server.http_port}"]
 worker_class = "gthread"
-workers = env_int("GUNICORN_WORKERS", 2, minimum=1)
-threads = env_int("GUNICORN_THREADS", 32, minimum=1)
-graceful_timeout = env_int("GUNICORN_GRACEFUL_TIMEOUT", 30, minimum=1)
+workers = _server.workers
+threads = _server.threads
+graceful_timeout = _server.graceful_timeout
 timeout = 30
 keepalive = 5
-reload = env_bool("GUNICORN_RELOAD", False)
-accesslog = "-" if env_bool("ACCESS_LOG", False) else None
+reload = _server.reload
+accesslog = "-" if _server.access_log else None
 errorlog = "-"
-loglevel = env_str("LOG_LEVEL", "info").lower()
+loglevel = _server.log_level.lower()
 control_socket_disable = True
 # Request-line and header limits: hostile clients get a 4xx from gunicorn itself.
 limit_request_line = 8190
@@ -32,8 +33,8 @@ limit_request_field_size = 8190
 
 
 def on_starting(server):
-    shutil.rmtree(_metrics_dir, ignore_errors=True)
-    os.makedirs(_metrics_dir, exist_ok=True)
+    shutil.rmtree(_server.metrics_dir, ignore_errors=True)
+    os.makedirs(_server.metrics_dir, exist_ok=True)
 
 
 def when_ready(server):
@@ -41,9 +42,8 @@ def when_ready(server):
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    host, port = env_str("METRICS_HOST", "0.0.0.0"), env_int("METRICS_PORT", 9100)
-    start_http_server(port, addr=host, registry=registry)
-    server.log.info("metrics on http://%s:%d/metrics", host, port)
+    start_http_server(_server.metrics_port, addr=_server.metrics_host, registry=registry)
+    server.log.info("metrics on http://%s:%d/metrics", _server.metrics_host, _server.metrics_port)
 
 
 def post_worker_init(worker):
@@ -51,7 +51,7 @@ def post_worker_init(worker):
     # worker does not answer 503 beside a ready one. Bounded: with RabbitMQ down the
     # worker starts anyway, answers 503 and reports not ready until it connects.
     publisher = getattr(worker.wsgi, "extensions", {}).get("publisher")
-    if publisher is not None and not publisher.wait_ready(env_int("STARTUP_BROKER_WAIT_SECONDS", 10, minimum=0)):
+    if publisher is not None and not publisher.wait_ready(_server.startup_broker_wait_seconds):
         worker.log.warning("RabbitMQ not reachable yet; serving (503 for submissions) while reconnecting")
 
 

@@ -4,6 +4,9 @@ PROMETHEUS_MULTIPROC_DIR and served, aggregated, by the master (gunicorn_conf.py
 from prometheus_client import Counter, Gauge, Histogram
 from werkzeug.http import HTTP_STATUS_CODES
 
+from jobs_contract.metrics import child
+from main_app.problems import RejectReason
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 HTTP_REQUESTS = Counter(
@@ -26,8 +29,6 @@ STORE_LATENCY = Histogram(
     "jobs_api_store_duration_seconds", "Job store operation latency", ["operation"], buckets=LATENCY_BUCKETS
 )
 
-_children: dict = {}
-
 # Label values an outsider controls are mapped onto fixed sets, so requests cannot create series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"})
 _STATUSES = frozenset(HTTP_STATUS_CODES)
@@ -41,27 +42,9 @@ def status_label(status: int) -> str:
     return str(status) if status in _STATUSES else "other"
 
 
-def child(metric, *labels: str):
-    """metric.labels(*labels), remembered: the label sets are few (routes, methods, statuses,
-    job types, reasons) and labels() costs a lock and validation on every request."""
-    key = (metric, labels)
-    found = _children.get(key)
-    if found is None:
-        found = _children[key] = metric.labels(*labels)
-    return found
-
-
-# Every reason a submission can be refused for (api.py). Series start at 0, so that
-# rate() and increase() see the first event after a start, not only the second.
-REJECT_REASONS = (
-    "unauthorized", "unsupported_media_type", "malformed_json", "invalid", "bad_idempotency_key",
-    "idempotency_mismatch", "idempotency_in_progress", "idempotency_expired", "store_unavailable",
-    "broker_unavailable", "http_413", "internal",
-)
-
-
 def initialise(job_types) -> None:
+    """Series start at 0, so that rate() and increase() see the first event after a start, not only the second."""
     for job_type in job_types:
         child(JOBS_ACCEPTED, job_type)
-    for reason in REJECT_REASONS:
+    for reason in RejectReason:
         child(JOBS_REJECTED, reason)

@@ -1,15 +1,9 @@
 """WSGI entry point: `gunicorn --config python:main_app.gunicorn_conf main_app.wsgi:app`."""
 
-import logging
-import os
-
+from jobs_contract.logs import configure_logging
+from jobs_contract.settings import log_level_from_env
 from main_app.api import create_app
 
-logging.basicConfig(
-    level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-    format="%(asctime)s %(levelname)s [main-app %(process)d] %(name)s: %(message)s",
-)
-# pika logs every failed connect as an error; the publisher logs its own, single warning.
-logging.getLogger("pika").setLevel(logging.CRITICAL)
+configure_logging("main-app", log_level_from_env())
 
 app = create_app()

@@ -6,7 +6,8 @@ import signal
 import sys
 
 from jobs_contract import JobStore
-from jobs_contract.settings import ConfigError
+from jobs_contract.logs import configure_logging
+from jobs_contract.settings import ConfigError, log_level_from_env
 from service_app import health
 from service_app.config import Settings
 from service_app.jobs import check_catalog
@@ -14,12 +15,7 @@ from service_app.worker import Worker
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s [service-app %(process)d] %(name)s: %(message)s",
-    )
-    # pika logs every failed connect as an error; the apps log their own, single warning.
-    logging.getLogger("pika").setLevel(logging.CRITICAL)
+    configure_logging("service-app", log_level_from_env())
     log = logging.getLogger("service_app")
     try:
         settings = Settings.from_env()

@@ -25,6 +25,10 @@ class JobFailed(Exception):
     """A job's own, expected failure."""
 
 
+class JobTimeout(Exception):
+    """The attempt ran past JOB_TIMEOUT_SECONDS (raised inside the handler's thread: re-raise it)."""
+
+
 Handler = Callable[[dict[str, Any], JobContext], Any]
 HANDLERS: dict[str, Handler] = {}
 

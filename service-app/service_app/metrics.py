@@ -1,8 +1,11 @@
 """service-app metrics (one process, served by health.py on METRICS_PORT)."""
 
+from enum import StrEnum
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from jobs_contract import DeadLetterReason
+from jobs_contract.metrics import child
 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -25,14 +28,21 @@ STORE_ERRORS = Counter("jobs_worker_store_errors_total", "Job store operations t
 RETRY_PUBLISH_ERRORS = Counter("jobs_worker_retry_publish_errors_total",
                                "Retry copies the broker did not confirm (alarm, unroutable, nack); tried again")
 
-OUTCOMES = ("succeeded", "failed", "retried", "skipped")
+
+class Outcome(StrEnum):
+    """What became of a message: the `outcome` label of jobs_worker_jobs_processed_total."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RETRIED = "retried"  # failed with attempts left: scheduled again
+    SKIPPED = "skipped"  # its job has an outcome already (a redelivery, a second copy)
 
 
 def initialise(job_types) -> None:
     """Series start at 0, so that rate() and increase() see the first event after a start."""
     for job_type in job_types:
-        RETRIES.labels(job_type)
-        for outcome in OUTCOMES:
-            JOBS_PROCESSED.labels(job_type, outcome)
+        child(RETRIES, job_type)
+        for outcome in Outcome:
+            child(JOBS_PROCESSED, job_type, outcome)
     for reason in DeadLetterReason:
-        DEAD_LETTERED.labels(reason)
+        child(DEAD_LETTERED, reason)

@@ -298,7 +298,7 @@ def test_a_result_that_is_not_json_fails_the_attempt(rabbit, redis_node, store, 
     monkeypatch.setitem(jobs.HANDLERS, "echo", lambda payload, ctx: {1, 2})
     worker = Worker(Settings.from_env(), store)
     job = new_job(store, "echo", {})
-    settle = worker._run(job)
+    settle = worker.runner.perform(job)
     assert settle.action == "dead"
     record = store.get(job.id)
     assert record["status"] == "failed" and "not JSON serializable" in record["error"]
@@ -361,8 +361,9 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
     """Requeueing uses basic.reject: from RabbitMQ 4.3 a requeueing basic.nack no longer raises a
     quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
     (The 3.10 broker of these tests counts both, so this is pinned at the call.)"""
-    from service_app.config import Settings
-    from service_app.worker import Settle, SettleAction, Worker
+    import threading
+
+    from service_app.settlement import Ledger, SettleAction, Settlement
 
     class Channel:
         is_open = True
@@ -373,8 +374,9 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
         def __getattr__(self, name):
             return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
-    worker = Worker(Settings.from_env(), store)
-    channel = worker._channel = Channel()
-    worker._generation, worker._unsettled, worker._outstanding = 1, {1: 1}, {7}
-    assert worker._settle(1, 7, new_job(store, "echo", {}), Settle(SettleAction.REQUEUE)) is False
+    ledger = Ledger(threading.Event())
+    channel = Channel()
+    generation = ledger.open(channel)
+    ledger.taken(generation, 7)
+    assert ledger._apply(generation, 7, Settlement(SettleAction.REQUEUE)) is False
     assert channel.calls == [("basic_reject", (7,), {"requeue": True})]

@@ -15,8 +15,8 @@ and RabbitMQ; the smoke-test Job's script passes against the running system.
 
 from __future__ import annotations
 
-import ast
 import base64
+import functools
 import importlib.util
 import json
 import os
@@ -35,91 +35,37 @@ from jobs_devtools.stack import App, RabbitNode, RedisNode, start_api, start_wor
 
 pytestmark = pytest.mark.apps
 
-APP_PACKAGES = {
-    "main-app": ROOT / "main-app" / "main_app",
-    "service-app": ROOT / "service-app" / "service_app",
-}
-CONTRACT = ROOT / "contract" / "jobs_contract"
-ENV_READERS = {"env_str", "env_int", "env_float", "env_bool"}
+APP_CONFIG = {"main-app": "main_app.config", "service-app": "service_app.config"}
 VENV_BIN = ROOT / ".venv" / "bin"
 
 
-# ----------------------------------------------------------------- env var scanning
+# ----------------------------------------------------------------- env vars the apps declare
 
 
-def app_modules(app: str) -> list[Path]:
-    """The app's own modules plus the contract modules they import (transitively):
-    contract tools the app never imports (e.g. `python -m jobs_contract.access`) are
-    not part of its runtime configuration."""
-    files = sorted(APP_PACKAGES[app].rglob("*.py"))
-    seen: set[Path] = set()
-    todo = list(files)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jobs_contract":
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names if a.name.split(".")[0] == "jobs_contract"]
-            for name in names:
-                parts = name.split(".")[1:]
-                for candidate in (
-                    CONTRACT.joinpath(*parts).with_suffix(".py") if parts else None,
-                    CONTRACT.joinpath(*parts, "__init__.py"),
-                ):
-                    if candidate is not None and candidate.exists():
-                        todo.append(candidate)
-    return sorted(seen)
+@functools.cache
+def declared_env(app: str) -> dict[str, object]:
+    """{NAME: default} of every environment variable the app reads: the fields its settings
+    classes declare (config.py and jobs_contract.settings), asked of the project's venv."""
+    if not (VENV_BIN / "python").exists():
+        pytest.fail("the project venv is missing: run `make venv` (make test-k8s does)")
+    code = f"import json, {APP_CONFIG[app]} as config; print(json.dumps(config.environment()))"
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def env_reads(app: str) -> dict[str, bool]:
-    """{NAME: has_default} for every environment variable the app's code reads."""
-    found: dict[str, bool] = {}
-
-    def note(name, has_default):
-        found[name] = found.get(name, False) or has_default
-
-    for path in app_modules(app):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Call)
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str)
-            ):
-                func = node.func
-                fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-                target = ast.unparse(func)
-                if fname in ENV_READERS:
-                    note(node.args[0].value, True)
-                elif target in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
-                    note(node.args[0].value, True)  # optional: None/default when unset
-                elif target in ("os.environ.setdefault", "environ.setdefault"):
-                    note(node.args[0].value, True)
-            elif (
-                isinstance(node, ast.Subscript)
-                and ast.unparse(node.value) in ("os.environ", "environ")
-                and isinstance(node.slice, ast.Constant)
-            ):
-                note(node.slice.value, False)
-    return found
+    """{NAME: has_default} for every environment variable the app reads (every declared field
+    has its default in the code)."""
+    return dict.fromkeys(declared_env(app), True)
 
 
-def test_env_scan_follows_contract_imports():
-    modules = {p.relative_to(ROOT).as_posix() for p in app_modules("service-app")}
-    assert {"contract/jobs_contract/settings.py", "contract/jobs_contract/catalog.py"} <= modules
-    assert "contract/jobs_contract/access.py" not in modules  # a CLI, not imported by the apps
-
-
-def test_env_scan_finds_the_config():
+def test_declared_env_finds_the_config():
     reads = env_reads("main-app")
     assert {"RABBITMQ_URL", "REDIS_URL", "HTTP_PORT", "METRICS_PORT", "JOB_MAX_SLEEP_SECONDS"} <= set(reads)
     assert {"RABBITMQ_URL", "WORKER_CONCURRENCY", "SHUTDOWN_GRACE_SECONDS"} <= set(env_reads("service-app"))
+    assert {"API_TOKENS", "API_TOKENS_FILE", "PROMETHEUS_MULTIPROC_DIR", "LOG_LEVEL"} <= set(reads)
 
 
 def container_env(docs, app: str) -> dict[str, str]:
@@ -151,7 +97,7 @@ def container_env(docs, app: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("app", list(APP_PACKAGES))
+@pytest.mark.parametrize("app", list(APP_CONFIG))
 @pytest.mark.parametrize("overlay", ["dev", "ci", "prod"])
 def test_every_env_var_read_is_set_or_defaulted_and_every_set_var_is_read(rendered, overlay, app):
     reads = env_reads(app)
@@ -207,11 +153,12 @@ def test_port_variables_equal_container_ports(rendered, overlay):
 
 def test_app_defaults_equal_container_ports():
     """Unset, the apps listen where the containers declare (defaults from the code)."""
-    reads = {}
-    for app, pkg in APP_PACKAGES.items():
-        for path in pkg.rglob("*.py"):
-            for m in re.finditer(r"env_int\(\s*['\"](HTTP_PORT|METRICS_PORT)['\"]\s*,\s*(\d+)", path.read_text()):
-                reads[(app, m.group(1))] = int(m.group(2))
+    reads = {
+        (app, name): declared_env(app)[name]
+        for app in APP_CONFIG
+        for name in ("HTTP_PORT", "METRICS_PORT")
+        if name in declared_env(app)
+    }
     assert reads == {
         ("main-app", "HTTP_PORT"): 8000,
         ("main-app", "METRICS_PORT"): 9100,

@@ -1,0 +1,187 @@
+"""Submitting a job, without Flask: validate → record → publish → compensate → confirm idempotency.
+
+Refusals are raised as Problem (problems.py); the web layer (views.py) turns them and an
+Accepted into HTTP answers. Store and broker calls are timed into main-app's metrics.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+import redis
+
+from jobs_contract import JobMessage, JobStore, topology
+from jobs_contract.catalog import RequestValidator, ValidationFailed
+from jobs_contract.store import IdempotencyRecord, utcnow
+from main_app import metrics
+from main_app.broker import BrokerUnavailable, Publisher
+from main_app.problems import Problem, RejectReason, unavailable
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Accepted:
+    """The answer to a submission: the job's id, type, status and created_at."""
+
+    job: dict[str, Any]
+    replayed: bool = False  # an earlier request's job, for the same Idempotency-Key
+
+
+@dataclasses.dataclass(frozen=True)
+class _Idempotency:
+    key: str
+    body_hash: str
+
+
+def timed_store(operation: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A job store call, timed; Redis errors become a 503 (nothing was accepted)."""
+    started = time.perf_counter()
+    try:
+        return call(*args, **kwargs)
+    except redis.RedisError as exc:
+        log.warning("job store %s failed: %s", operation, exc)
+        raise unavailable("the job store is unavailable; the job was not accepted",
+                          RejectReason.STORE_UNAVAILABLE) from None
+    finally:
+        metrics.child(metrics.STORE_LATENCY, operation).observe(time.perf_counter() - started)
+
+
+class Submissions:
+    def __init__(self, store: JobStore, publisher: Publisher, validator: RequestValidator,
+                 publish_timeout_seconds: float):
+        self.store = store
+        self.publisher = publisher
+        self.validator = validator
+        self.publish_timeout_seconds = publish_timeout_seconds
+        # How long a request may hold its idempotency key "pending": publishing, its confirm and
+        # the store writes around it are over by then (a pending key older than this is stale).
+        self.pending_ttl = int(publish_timeout_seconds * 2) + 5
+
+    def submit(self, client: str, body: bytes, idempotency_key: str | None) -> Accepted:
+        """Accept the job in `body` (JSON) for `client`: recorded in the store and confirmed by the
+        broker, or a Problem and nothing left behind (but a key that a retry must resolve)."""
+        job_type, payload = self._validate(body)
+        idempotency = self._idempotency(idempotency_key, job_type, payload)
+        message = JobMessage(id=str(uuid.uuid4()), type=job_type, payload=payload, client=client,
+                             created_at=utcnow())
+        # Encoded before anything is written: a job whose message cannot be built leaves no record.
+        encoded = self._encode(message)
+        existing = timed_store("create", self.store.create, message.id, client, job_type, message.created_at,
+                               idempotency and (idempotency.key, idempotency.body_hash),
+                               pending_ttl_seconds=self.pending_ttl)
+        republish = existing is not None
+        if republish:
+            resumed = self._resume(existing, client, idempotency, job_type)
+            if isinstance(resumed, Accepted):
+                return resumed
+            # The key's request is over and nobody confirmed it: its job may or may not be queued.
+            # Publish that job (same id) again: at worst a duplicate message of one job.
+            message = dataclasses.replace(message, id=existing.job_id, created_at=resumed)
+            encoded = message.encode()
+        self._publish(message, encoded, idempotency, keep_key=republish)
+        if idempotency is not None and not self._confirm(client, idempotency, message.id):
+            log.warning("job %s accepted, but its Idempotency-Key could not be confirmed", message.id)
+        if not republish:
+            metrics.child(metrics.JOBS_ACCEPTED, job_type).inc()
+        return Accepted({"id": message.id, "type": job_type, "status": "queued", "created_at": message.created_at},
+                        replayed=republish)
+
+    def _validate(self, body: bytes) -> tuple[str, dict[str, Any]]:
+        try:
+            document = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise Problem(400, "Bad Request", f"malformed JSON: {exc}", reason=RejectReason.MALFORMED_JSON) from None
+        try:
+            return self.validator.validate(document)
+        except ValidationFailed as exc:
+            raise Problem(422, "Unprocessable Content", exc.message, reason=RejectReason.INVALID,
+                          errors=[{"pointer": exc.field, "detail": exc.message}]) from None
+
+    @staticmethod
+    def _idempotency(key: str | None, job_type: str, payload: dict[str, Any]) -> _Idempotency | None:
+        if key is None:
+            return None
+        if not IDEMPOTENCY_KEY.fullmatch(key):
+            raise Problem(400, "Bad Request", "Idempotency-Key must be 1-255 visible ASCII characters",
+                          reason=RejectReason.BAD_IDEMPOTENCY_KEY)
+        body_hash = hashlib.sha256(orjson.dumps([job_type, payload], option=orjson.OPT_SORT_KEYS)).hexdigest()
+        return _Idempotency(key, body_hash)
+
+    @staticmethod
+    def _encode(message: JobMessage) -> tuple[bytes, Any]:
+        try:
+            return message.encode()
+        except orjson.JSONEncodeError as exc:
+            raise Problem(422, "Unprocessable Content", f"the job cannot be encoded: {exc}",
+                          reason=RejectReason.INVALID, errors=[{"pointer": "/payload", "detail": str(exc)}]) from None
+
+    def _publish(self, message: JobMessage, encoded: tuple[bytes, Any], idempotency: _Idempotency | None,
+                 keep_key: bool) -> None:
+        """Publish and wait for the confirm; if none comes, remove the record (compensate) and refuse."""
+        body, properties = encoded
+        started = time.perf_counter()
+        try:
+            self.publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
+                                   timeout=self.publish_timeout_seconds)
+        except BrokerUnavailable as exc:
+            log.warning("job %s not accepted: %s", message.id, exc)
+            try:  # the key stays while the job may be queued: a retry must get that job, not a new one
+                self.store.discard(message.id, message.client, idempotency and idempotency.key,
+                                   keep_key=exc.maybe_published or keep_key)
+            except redis.RedisError:
+                log.warning("could not remove the record of unaccepted job %s", message.id)
+            raise unavailable("the message broker is unavailable; the job was not accepted",
+                              RejectReason.BROKER_UNAVAILABLE) from None
+        finally:
+            metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
+
+    def _confirm(self, client: str, idempotency: _Idempotency, job_id: str) -> bool:
+        try:
+            self.store.confirm_idempotency(client, idempotency.key, job_id, idempotency.body_hash)
+        except redis.RedisError:
+            return False
+        return True
+
+    def _resume(self, existing: IdempotencyRecord, client: str, idempotency: _Idempotency,
+                job_type: str) -> Accepted | str:
+        """A request whose Idempotency-Key is taken: the key's job (replayed), 409 while the request
+        that took it may still be in flight, 422 for another body; or, for a key its request left
+        pending, the created_at of its job, which the caller then publishes again."""
+        if existing.body_hash != idempotency.body_hash:
+            raise Problem(422, "Unprocessable Content",
+                          "this Idempotency-Key was already used with a different request body",
+                          reason=RejectReason.IDEMPOTENCY_MISMATCH)
+        job = timed_store("get", self.store.get, existing.job_id)
+        if existing.confirmed:
+            if job is None:
+                raise Problem(409, "Conflict", "the job for this Idempotency-Key has expired",
+                              reason=RejectReason.IDEMPOTENCY_EXPIRED)
+            return _replay(job)
+        if job is not None and job["status"] != "queued":  # a worker has it, so it was published
+            self._confirm(client, idempotency, existing.job_id)  # if not, the next retry resolves it alike
+            return _replay(job)
+        in_progress = Problem(409, "Conflict", "a request with this Idempotency-Key is still being processed",
+                              reason=RejectReason.IDEMPOTENCY_IN_PROGRESS, headers={"Retry-After": "1"})
+        if not existing.stale():
+            raise in_progress
+        outcome = timed_store("claim", self.store.claim_stale, client, idempotency.key, existing, job_type,
+                              job["created_at"] if job else utcnow(), self.pending_ttl)
+        if outcome == "changed":  # another retry claimed it first
+            raise in_progress
+        if outcome == "started":
+            return self._resume(dataclasses.replace(existing, confirmed=True), client, idempotency, job_type)
+        return outcome
+
+
+def _replay(job: dict[str, Any]) -> Accepted:
+    return Accepted({name: job[name] for name in ("id", "type", "status", "created_at")}, replayed=True)

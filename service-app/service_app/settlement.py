@@ -1,0 +1,148 @@
+"""The consumer's bookkeeping: which connection a message came on, which messages are still in
+hand, the channel's unacked delivery tags, and the settlements job threads hand back, applied
+by the main thread in batches (one wake-up of the connection for many, one `multiple` ack where
+the tags allow).
+
+A connection is a generation: a settlement for a message of an earlier connection is dropped
+(the broker requeued that message when the connection went; its redelivery finds the outcome
+already recorded).
+"""
+
+import threading
+from dataclasses import dataclass
+from enum import StrEnum
+
+from jobs_contract import DeadLetterReason
+from jobs_contract.handoff import Handoff
+from jobs_contract.metrics import child
+from service_app import metrics
+
+
+class SettleAction(StrEnum):
+    ACK = "ack"
+    RETRY = "retry"  # the job thread publishes the retry copy, then the original is acked
+    DEAD = "dead"  # rejected without requeue: the dead-letter exchange takes it
+    REQUEUE = "requeue"
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """What to do with a message once its job's outcome is recorded."""
+
+    action: SettleAction
+    delay_seconds: float = 0.0  # RETRY: the backoff before the next attempt
+    reason: DeadLetterReason | None = None  # DEAD: why
+
+
+class Ledger:
+    def __init__(self, connected: threading.Event):
+        self._connected = connected
+        self._lock = threading.Lock()
+        self._generation = 0
+        # Messages handed to the job pool and not settled yet, per connection. Those of a lost
+        # connection are requeued by the broker, so only the current one's count.
+        self._in_hand: dict[int, int] = {}
+        # Delivery tags of the current channel not acked or rejected yet (main thread only):
+        # exactly the broker's unacked set, so a `multiple` ack never covers a message that
+        # has no recorded outcome.
+        self._unacked: set[int] = set()
+        self._finished: Handoff[tuple[int, int, Settlement]] = Handoff()
+        self.channel = None
+
+    # main thread
+
+    def open(self, channel) -> int:
+        """A new consume channel; returns its generation."""
+        self.channel = channel
+        self._unacked = set()
+        with self._lock:
+            self._generation += 1
+            self._in_hand = {self._generation: 0}
+        self._finished.reset()  # a wake-up sent to the previous connection was lost with it
+        return self._generation
+
+    def close(self) -> None:
+        self.channel = None
+
+    def taken(self, generation: int, delivery_tag: int) -> None:
+        """A message of this generation's channel goes to the job pool."""
+        with self._lock:
+            self._in_hand[generation] = self._in_hand.get(generation, 0) + 1
+        self._unacked.add(delivery_tag)
+
+    def has_finished(self) -> bool:
+        return len(self._finished) > 0
+
+    def settle_finished(self) -> None:
+        """Apply every settlement handed back so far."""
+        acks: list[int] = []
+        try:
+            for generation, delivery_tag, settlement in self._finished.take():
+                if self._apply(generation, delivery_tag, settlement):
+                    acks.append(delivery_tag)
+        finally:  # whatever goes wrong with one message, the batch's acks are sent
+            if acks:
+                self._ack(acks)
+
+    def _apply(self, generation: int, delivery_tag: int, settlement: Settlement) -> bool:
+        """Settle one message; True means: ack it (the caller acks the batch)."""
+        self.release(generation)
+        with self._lock:
+            current = generation == self._generation
+        channel = self.channel
+        if not current or channel is None or not channel.is_open:
+            return False  # that channel is gone: the broker redelivers the message, which sees the recorded outcome
+        if settlement.action is SettleAction.ACK:
+            return True
+        self._unacked.discard(delivery_tag)
+        # reject, not nack: a requeueing nack does not raise x-delivery-count (RabbitMQ 4.3)
+        if settlement.action is SettleAction.REQUEUE:
+            channel.basic_reject(delivery_tag, requeue=True)
+        else:
+            child(metrics.DEAD_LETTERED, settlement.reason).inc()
+            channel.basic_reject(delivery_tag, requeue=False)
+        return False
+
+    def _ack(self, tags: list[int]) -> None:
+        channel = self.channel
+        if channel is None or not channel.is_open:
+            return
+        unacked = self._unacked
+        unacked.difference_update(tags)
+        # One `multiple` ack covers the tags below every message still unacked.
+        lowest_unacked = min(unacked, default=None)
+        covered = [t for t in tags if lowest_unacked is None or t < lowest_unacked]
+        if len(covered) > 1:
+            channel.basic_ack(max(covered), multiple=True)
+            tags = [t for t in tags if lowest_unacked is not None and t > lowest_unacked]
+        for tag in tags:
+            channel.basic_ack(tag)
+
+    # any thread
+
+    def is_live(self, generation: int) -> bool:
+        """Whether a message delivered on that connection can still be settled on it."""
+        with self._lock:
+            return generation == self._generation and self._connected.is_set()
+
+    def in_hand(self) -> int:
+        """Messages of the current connection not settled yet."""
+        with self._lock:
+            return self._in_hand.get(self._generation, 0)
+
+    def release(self, generation: int) -> None:
+        """A message of that generation needs no settling (or is being settled)."""
+        with self._lock:
+            if generation in self._in_hand:
+                self._in_hand[generation] -= 1
+
+    # job threads
+
+    def hand_back(self, generation: int, delivery_tag: int, settlement: Settlement | None, connection) -> None:
+        """A job thread is done with a message: settle it on the main thread (None: nothing to settle)."""
+        if settlement is None or connection is None:
+            self.release(generation)
+            return
+        # If that connection is closed, the consume loop settles what is left.
+        self._finished.put((generation, delivery_tag, settlement), connection,
+                           lambda: connection.add_callback_threadsafe(self.settle_finished))
