@@ -223,7 +223,7 @@ def test_health_and_readiness(client, openapi):
 
 
 def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client):
-    from stack import free_port
+    from jobs_devtools.stack import free_port
 
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
     app = create_app(make_settings(dead_broker, redis_node.url))
@@ -241,7 +241,7 @@ def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, r
 
 
 def test_store_unavailable_is_503_and_nothing_is_published(rabbit, amqp):
-    from stack import free_port
+    from jobs_devtools.stack import free_port
 
     app = create_app(make_settings(rabbit.url, f"redis://127.0.0.1:{free_port()}/0"))
     try:
