@@ -24,13 +24,14 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
+
+from jobs_devtools.stack import free_port, wait_for_port
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 NAMESPACE = "jobs"
@@ -68,12 +69,6 @@ def kubectl(*args: str, timeout: float = 60, check: bool = True) -> subprocess.C
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def port_forward(target: str, remote: int, log: pathlib.Path):
     port = free_port()
@@ -81,13 +76,10 @@ def port_forward(target: str, remote: int, log: pathlib.Path):
         proc = subprocess.Popen(["kubectl", "-n", NAMESPACE, "port-forward", target, f"{port}:{remote}"],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None:
-                raise Shortfall(f"kubectl port-forward {target} exited {proc.returncode}")
-            time.sleep(0.5)
+        try:
+            wait_for_port(port, 30, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise Shortfall(f"kubectl port-forward {target}: {exc}") from None
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
