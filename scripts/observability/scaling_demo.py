@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 DEPLOYMENTS = ("main-app", "service-app")
 SYNC_SECONDS = 15
+SANDBOX_CONTEXT = "jobs-sandbox"
 
 
 class Kubectl:
@@ -110,9 +111,18 @@ def stage_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def locust_job(kc: Kubectl, overrides: dict[str, str]) -> tuple[list[dict], dict[str, str]]:
-    """loadtest/ rendered, with `overrides` in the Job's env; also returns the Job's env."""
-    objects = json.loads(kc.run("apply", "-k", str(ROOT / "loadtest"), "--dry-run=client", "-o", "json",
+def loadtest_dir(kc: Kubectl, chosen: str | None) -> Path:
+    """loadtest/, or on the sandbox (context jobs-sandbox) k8s/sandbox/loadtest: the same Job with
+    the stand-in Locust image, as Skaffold's and Tilt's sandbox settings pick its overlays."""
+    if chosen:
+        return Path(chosen).resolve()
+    context = kc.run("config", "current-context", check=False, namespaced=False).strip()
+    return ROOT / ("k8s/sandbox/loadtest" if context == SANDBOX_CONTEXT else "loadtest")
+
+
+def locust_job(kc: Kubectl, directory: Path, overrides: dict[str, str]) -> tuple[list[dict], dict[str, str]]:
+    """The Locust kustomization rendered, with `overrides` in the Job's env; also returns the Job's env."""
+    objects = json.loads(kc.run("apply", "-k", str(directory), "--dry-run=client", "-o", "json",
                                 namespaced=False) or '{"items": []}')
     items = objects.get("items", [objects])
     env: dict[str, str] = {}
@@ -308,6 +318,8 @@ def main() -> int:
     parser.add_argument("--prometheus", default="monitoring/prometheus-operated:9090",
                         help="namespace/service:port of the Prometheus KEDA queries")
     parser.add_argument("--interval", type=float, default=5)
+    parser.add_argument("--loadtest", help="the Locust kustomization (default: loadtest/, on the sandbox "
+                        "k8s/sandbox/loadtest)")
     parser.add_argument("--step-users", help="Locust step users, e.g. 5,10,20,40 (default: loadtest/'s)")
     parser.add_argument("--stage-seconds", type=int, help="seconds per stage (default: loadtest/'s)")
     parser.add_argument("--cooldown-stages", type=int, help="idle stages after the steps (default: loadtest/'s)")
@@ -352,7 +364,10 @@ def main() -> int:
         if args.dry_run:
             kc.run("apply", "-k", str(ROOT / "loadtest"), namespaced=False)
         else:
-            items, env = locust_job(kc, stage_env(args))
+            directory = loadtest_dir(kc, args.loadtest)
+            print(f"Locust: {directory.relative_to(ROOT) if directory.is_relative_to(ROOT) else directory}",
+                  flush=True)
+            items, env = locust_job(kc, directory, stage_env(args))
             schedule = stages(env)
             job_list = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
             kc.run("apply", "-f", "-", namespaced=False, stdin=job_list)

@@ -40,6 +40,8 @@ SERVICE = [1, 3, 3, 1, 1]
 n = min(state["samples"], 4)
 if args[0] == "version":
     print("Client Version: fake")
+elif args[:2] == ["config", "current-context"]:
+    print("jobs-sandbox")
 elif args[:2] == ["get", "scaledobjects.keda.sh"]:
     out({"items": [so("main-app", 1, 3, [("http-requests-per-pod", "sum(rate(x[2m]))")]),
                    so("service-app", 1, 3, [("queue-backlog-per-replica", "sum(backlog)"),
@@ -107,7 +109,8 @@ def test_demo_samples_compares_with_the_model_and_plots(fake_kubectl, tmp_path):
                     "--stage-seconds", "0", "--cooldown-stages", "0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = (fake_kubectl / "calls.log").read_text()
-    assert "delete job locust --ignore-not-found" in calls and "apply -k" in calls and "apply -f -" in calls
+    assert "delete job locust --ignore-not-found" in calls and "apply -f -" in calls
+    assert "apply -k " + str(ROOT / "k8s" / "sandbox" / "loadtest") in calls  # the sandbox's stand-in Locust
     assert "/api/v1/namespaces/monitoring/services/prometheus-operated:9090/proxy/api/v1/query?query=sum%28backlog%29" \
         in calls
     assert "/proxy/api/v1/query_range?query=sum%28busy%29" in calls
