@@ -48,6 +48,13 @@ STATUS_COUNTS: Counter[str] = Counter()
 DEFAULT_WEIGHTS = "echo=4,sleep=3,cpu=2,flaky=1,fail=0"
 
 
+def count_response(method: str, resp) -> None:
+    STATUS_COUNTS[f"{method} {resp.status_code}"] += 1
+    if resp.status_code == 0 or resp.status_code >= 500:  # when and why, for the run's accounting
+        detail = getattr(resp, "error", None) or (resp.text or "")[:200]
+        log.warning("%s -> %s at %.3f: %r", method, resp.status_code, time.time(), detail)
+
+
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "").strip()
     return float(value) if value else default
@@ -124,7 +131,7 @@ class JobsUser(FastHttpUser):
         started = time.perf_counter()
         with self.client.post("/jobs", json={"type": job_type, "payload": payload_for(job_type)},
                               headers=self.headers, name="POST /jobs", catch_response=True) as resp:
-            STATUS_COUNTS[f"POST {resp.status_code}"] += 1
+            count_response("POST", resp)
             if resp.status_code != 202:
                 resp.failure(f"POST /jobs -> {resp.status_code}: {(resp.text or '')[:200]}")
                 return
@@ -133,7 +140,7 @@ class JobsUser(FastHttpUser):
         while True:
             with self.client.get(f"/jobs/{job_id}", headers=self.headers, name="GET /jobs/[id]",
                                  catch_response=True) as resp:
-                STATUS_COUNTS[f"GET {resp.status_code}"] += 1
+                count_response("GET", resp)
                 if resp.status_code == 200:
                     status = resp.json().get("status")
                 else:
@@ -151,6 +158,25 @@ class JobsUser(FastHttpUser):
         events.request.fire(request_type="JOB", name=f"{job_type} submit->final",
                             response_time=(time.perf_counter() - started) * 1000, response_length=0,
                             exception=error, context={})
+
+
+@events.test_start.add_listener
+def wait_until_reachable(environment, **_kwargs) -> None:
+    """Start the load once the API answers: in a cluster, a new pod's first connections can fail
+    until the NetworkPolicy enforcer has programmed its rules (seen on the sandbox: ~0.3 s)."""
+    import urllib.request
+
+    host = (environment.host or "").rstrip("/")
+    deadline = time.monotonic() + _env_float("LOADTEST_REACHABLE_TIMEOUT", 60)
+    while host:
+        try:
+            with urllib.request.urlopen(f"{host}/healthz", timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                log.warning("%s/healthz still unreachable; starting the load anyway", host)
+                return
+            gevent.sleep(0.2)
 
 
 # ------------------------------------------------------------------------- load shapes

@@ -199,12 +199,32 @@ def quorum_members() -> dict[str, int]:
 
 
 def ready(kind: str, name: str, want: int | None = None) -> bool | str:
+    """Whole: as many pods as wanted, all of the current revision, all ready, none left over."""
     obj = json.loads(kubectl("-n", NAMESPACE, "get", kind, name, "-o", "json").stdout)
     spec = obj["spec"].get("replicas", 1) if want is None else want
     status = obj.get("status", {})
-    ok = (status.get("readyReplicas", 0) >= spec and status.get("updatedReplicas", 0) >= spec
-          and status.get("observedGeneration") == obj["metadata"]["generation"])
-    return True if ok else f"{kind}/{name} ready {status.get('readyReplicas', 0)}/{spec}"
+    counts = [status.get(k, 0) for k in ("replicas", "readyReplicas", "updatedReplicas")]
+    if kind == "deployment":
+        counts.append(status.get("availableReplicas", 0))
+    ok = all(c == spec for c in counts) and status.get("observedGeneration") == obj["metadata"]["generation"]
+    return True if ok else f"{kind}/{name}: replicas/ready/updated(/available) {counts}, want {spec}"
+
+
+def pod_uid(name: str) -> str:
+    return kubectl("-n", NAMESPACE, "get", "pod", name, "-o", "jsonpath={.metadata.uid}", check=False).stdout
+
+
+def pod_gone(name: str) -> bool | str:
+    proc = kubectl("-n", NAMESPACE, "get", "pod", name, "-o", "name", check=False)
+    return True if proc.returncode != 0 and "NotFound" in proc.stderr else f"pod {name} still there"
+
+
+def replaced_and_ready(name: str, old_uid: str) -> bool | str:
+    pod = json.loads(kubectl("-n", NAMESPACE, "get", "pod", name, "-o", "json", check=False).stdout or "{}")
+    if not pod or pod["metadata"]["uid"] == old_uid:
+        return f"pod {name} not replaced yet"
+    conditions = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+    return True if conditions.get("Ready") == "True" else f"new pod {name} not ready"
 
 
 def pod_of(app: str) -> str:
@@ -302,21 +322,31 @@ def step_prod(report: pathlib.Path, args: argparse.Namespace, results: dict) -> 
                        "detail": detail, "wait_s": round(took, 1)})
         time.sleep(args.settle)
 
+    def whole_again(*checks):
+        def check() -> bool | str:
+            for c in checks:
+                result = c()
+                if result is not True:
+                    return result
+            return True
+        return check
+
     rabbit_pod = "rabbitmq-1"
+    rabbit_uid = pod_uid(rabbit_pod)
     fault(f"delete RabbitMQ pod {rabbit_pod}",
           lambda: kubectl("-n", NAMESPACE, "delete", "pod", rabbit_pod, "--wait=false").stdout.strip(),
-          lambda: (ready("statefulset", "rabbitmq", 3) is True and rabbit_nodes() == 3) or "not yet")
+          whole_again(lambda: replaced_and_ready(rabbit_pod, rabbit_uid), lambda: ready("statefulset", "rabbitmq", 3),
+                      lambda: rabbit_nodes() == 3 or "not 3 running nodes"))
     worker = pod_of("service-app")
     fault(f"evict service-app pod {worker}", lambda: f"evicted after {evict(worker):.1f}s",
-          lambda: ready("deployment", "service-app"))
+          whole_again(lambda: pod_gone(worker), lambda: ready("deployment", "service-app")))
     api = pod_of("main-app")
     fault(f"evict main-app pod {api}", lambda: f"evicted after {evict(api):.1f}s",
-          lambda: ready("deployment", "main-app"))
+          whole_again(lambda: pod_gone(api), lambda: ready("deployment", "main-app")))
     fault("rollout restart main-app and service-app",
           lambda: kubectl("-n", NAMESPACE, "rollout", "restart", "deployment/main-app",
                           "deployment/service-app").stdout.strip(),
-          lambda: (ready("deployment", "main-app") is True and ready("deployment", "service-app") is True)
-          or "rolling")
+          whole_again(lambda: ready("deployment", "main-app"), lambda: ready("deployment", "service-app")))
 
     pod = kubectl("-n", NAMESPACE, "get", "pods", "-l", "app.kubernetes.io/name=ledger",
                   "-o", "jsonpath={.items[0].metadata.name}").stdout

@@ -295,8 +295,9 @@ def plot(path: Path, rows: list[dict], decisions: dict[str, list[dict]], sos: di
                 linestyle="--", alpha=0.8, label=f"{name}, HPA model replay")
     ax.set_ylabel("replicas")
     ax.set_xlabel("minutes since the load started")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper right", fontsize=8)
+    peak = max([r.get(f"{d}_replicas", 0) or 0 for r in rows for d in DEPLOYMENTS] + [1])
+    ax.set_ylim(0, peak + 2)  # room for the legend above the curves
+    ax.legend(loc="upper center", fontsize=8, ncol=2)
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
@@ -304,9 +305,12 @@ def plot(path: Path, rows: list[dict], decisions: dict[str, list[dict]], sos: di
     plt.close(fig)
 
 
-def locust_responses(kc: Kubectl) -> dict[str, int]:
-    """The `loadtest responses: {...}` line loadtest/locustfile.py prints when it quits."""
-    for line in kc.run("logs", "job/locust", check=False).splitlines():
+def locust_responses(kc: Kubectl, out: Path) -> dict[str, int]:
+    """The `loadtest responses: {...}` line loadtest/locustfile.py prints when it quits (its
+    whole output is kept in locust.log)."""
+    logs = kc.run("logs", "job/locust", check=False)
+    (out / "locust.log").write_text(logs)
+    for line in logs.splitlines():
         if line.startswith("loadtest responses: "):
             return json.loads(line.split(": ", 1)[1])
     return {}
@@ -410,7 +414,7 @@ def main() -> int:
                        {d: first.get(f"{d}_replicas", minimum.get(d, 1)) for d in DEPLOYMENTS})
     comparison = compare(rows, decisions, sos, t0, load_seconds)
     summary = {"load_started": t0, "load_seconds": load_seconds, "schedule": schedule,
-               "locust_responses": locust_responses(kc), "deployments": comparison}
+               "locust_responses": locust_responses(kc, out), "deployments": comparison}
     write_csv(out / "demo.csv", [{**r, "t_since_load": round(r["t"] - t0, 1)} for r in rows])
     write_csv(out / "model.csv", [{"t_since_load": d["t"], "deployment": name, "model_replicas": d["desired"],
                                    **{f"value:{k}": v for k, v in d["values"].items()}}

@@ -39,6 +39,7 @@ def test_accounts_for_every_request_and_job(rabbit, redis_node, start_api, start
     start_worker(rabbit.url, redis_node.url)
     api = start_api(rabbit.url, redis_node.url)
     result = summary(run_ledger(api, tmp_path, LEDGER_RATE="20", LEDGER_MAX_SECONDS="3"))
+    assert result["reachable_after_s"] < 5
     assert 40 <= result["submissions"] <= 70, result["submissions"]  # ~20/s for 3 s
     assert result["accepted"] == result["submissions"] and result["by_status"] == {"202": result["submissions"]}
     assert result["lost"] == 0 and result["final"] == {"succeeded": result["accepted"]}
