@@ -89,9 +89,17 @@ def wait_for(what: str, check, timeout: float, interval: float = 3) -> float:
     raise Shortfall(f"{what}: not within {timeout:.0f}s (last: {last})")
 
 
+def fresh_namespace(log: pathlib.Path) -> None:
+    """Each step deploys into a new namespace: the other overlay's StatefulSets (replicas, volume
+    sizes) cannot be changed in place, and a single-node broker's data must not meet the cluster."""
+    run(["kubectl", "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=600s"],
+        timeout=660, log=log)
+
+
 # ---------------------------------------------------------------- 1-3: scaling
 def step_scaling(report: pathlib.Path, args: argparse.Namespace, results: dict) -> None:
     log = report / "scaling.log"
+    fresh_namespace(log)
     run(["make", "deploy", "PROFILE=ci"], timeout=1800, log=log)
     started = time.time()
     demo = report / "demo"
@@ -283,9 +291,7 @@ def ledger_job(image: str) -> dict:
 
 def step_prod(report: pathlib.Path, args: argparse.Namespace, results: dict) -> None:
     log = report / "prod.log"
-    # A fresh namespace: the ci deployment's single-node broker data must not meet the cluster.
-    run(["kubectl", "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=600s"],
-        timeout=660, log=log)
+    fresh_namespace(log)
     run(["make", "deploy", "PROFILE=prod"], timeout=1800, log=log)
     wait_for("3 RabbitMQ pods ready", lambda: ready("statefulset", "rabbitmq", 3), timeout=900)
     wait_for("3 running RabbitMQ nodes", lambda: rabbit_nodes() == 3 or f"{rabbit_nodes()} nodes", timeout=300)
