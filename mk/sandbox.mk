@@ -44,7 +44,7 @@ test-cluster: sandbox-up k8s-secrets ## On the sandbox: skaffold run -p ci (+ver
 	  fi; exit $$status
 
 .PHONY: test-cluster-scaling
-test-cluster-scaling: sandbox-up k8s-secrets loadtest-tools ## On the sandbox: Locust step load scales both apps up and down (KEDA), HPA model vs real, nothing lost; prod topology under faults (~40 min)
+test-cluster-scaling: sandbox-up k8s-secrets loadtest-tools ## On the sandbox: Locust step load scales both apps up and down (KEDA), HPA model vs real, nothing lost; prod topology under faults (~20 min)
 	@status=0; $(SANDBOX_ENV) $(OBS_TOOLS_BIN)/python k8s/sandbox/test_scaling.py --report-dir reports/cluster-scaling \
 	  --python $(OBS_TOOLS_BIN)/python $(SCALING_ARGS) || status=$$?; \
 	  if [ "$${SANDBOX_KEEP:-}" != 1 ]; then \
