@@ -45,10 +45,8 @@ def render_dir(path: Path) -> list[dict]:
 
 
 def ensure_secrets() -> None:
-    for overlay in ("dev", "ci"):
-        subprocess.run(
-            [sys.executable, str(K8S / "scripts" / "gen-secrets.py"), str(K8S / "overlays" / overlay)], check=True
-        )
+    for overlay in (K8S / "overlays" / "dev", K8S / "overlays" / "ci", K8S / "sandbox" / "overlays" / "prod"):
+        subprocess.run([sys.executable, str(K8S / "scripts" / "gen-secrets.py"), str(overlay)], check=True)
 
 
 def render_variant(name: str) -> list[dict]:

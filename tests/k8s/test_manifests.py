@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import OVERLAYS, ROOT, VARIANTS, WORKLOAD_KINDS, find, pod_spec
+from conftest import OVERLAYS, ROOT, VARIANTS, WORKLOAD_KINDS, ensure_secrets, find, pod_spec, render_dir
 
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CRD_FILES = {
@@ -597,3 +597,28 @@ def test_prod_overlay_header_names_every_secret_it_needs(rendered):
     named = lambda name: re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", header)  # noqa: E731
     missing = {name for name in needed - rendered_secrets if not named(name)}
     assert not missing, f"k8s/overlays/prod/kustomization.yaml does not name {sorted(missing)}"
+
+
+def test_sandbox_prod_lists_exactly_the_statefulsets_rabbitmq_nodes():
+    """k8s/sandbox/overlays/prod (prod's topology on one node, RabbitMQ 4.0 stand-in): its
+    classic_config peer list must name the nodes the StatefulSet runs, as RABBITMQ_NODENAME
+    spells them, or the nodes would not find each other; its Secrets are generated."""
+    ensure_secrets()
+    docs = render_dir(ROOT / "k8s" / "sandbox" / "overlays" / "prod")
+    sts = find(docs, "StatefulSet", "rabbitmq")
+    pod = pod_spec(sts)
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    namespace = sts["metadata"]["namespace"]
+    expected = {
+        env["RABBITMQ_NODENAME"].replace("$(POD_NAME)", f"rabbitmq-{i}").replace("$(POD_NAMESPACE)", namespace)
+        for i in range(sts["spec"]["replicas"])
+    }
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("rabbitmq-config"))
+    listed = {line.split("=", 1)[1].strip() for line in config["data"]["20-cluster.conf"].splitlines()
+              if line.startswith("cluster_formation.classic_config.nodes.")}
+    assert sts["spec"]["replicas"] == 3 and listed == expected
+    assert sts["spec"]["serviceName"] == "rabbitmq-headless" and ".rabbitmq-headless." in next(iter(expected))
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAntiAffinity"]
+    secrets = {re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"]) for d in docs if d["kind"] == "Secret"}
+    assert {"rabbitmq-credentials", "rabbitmq-definitions", "redis-credentials", "main-app-credentials",
+            "service-app-credentials", "main-app-api-tokens"} <= secrets
