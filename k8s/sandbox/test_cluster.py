@@ -258,6 +258,12 @@ def step_live_update(log: pathlib.Path) -> str:
             if tilt.poll() is not None or time.monotonic() > deadline:
                 raise Shortfall(f"tilt up did not start its API server (log: {log})")
             time.sleep(1)
+        # The API server answers before the Tiltfile has been loaded: `tilt wait` on a resource
+        # that does not exist yet fails at once (NotFound), so wait for it to exist first.
+        while subprocess.run(["tilt", "get", "uiresource", "main-app"], capture_output=True).returncode != 0:
+            if tilt.poll() is not None or time.monotonic() > deadline + 120:
+                raise Shortfall(f"tilt up never created resource main-app (log: {log})")
+            time.sleep(1)
         run(["tilt", "wait", "--for=condition=Ready", "uiresource/main-app", "--timeout=600s"], timeout=660, log=log)
         pod_before, image_before = main_app_pod()
         nonce = uuid.uuid4().hex[:12]
