@@ -20,11 +20,11 @@ bench-deps: venv services-deps ## Install wrk (Debian package) when missing
 ##@ Benchmarks
 
 .PHONY: bench
-bench: bench-deps $(BENCH_PEERS)/.installed ## Full benchmark with peers (~15 min; BENCH_QUICK=1 for a ~1 min smoke run): table, `bench:` line, JSON in reports/bench/
+bench: bench-deps $(BENCH_PEERS)/.installed ## Full benchmark with peers (~15–20 min; BENCH_QUICK=1 for a ~2 min smoke run): table, `bench:` line, JSON in reports/bench/
 	BENCH_PEERS=$(BENCH_PEERS) $(PY) scripts/bench/bench.py --out $(BENCH_REPORTS) $(BENCH_ARGS)
 
 .PHONY: bench-smoke
-bench-smoke: bench-deps $(BENCH_PEERS)/.installed ## Quick bench run plus the harness's own unit tests (~1 min)
+bench-smoke: bench-deps $(BENCH_PEERS)/.installed ## Quick bench run (with peers) plus the harness's own unit tests (~2.5 min)
 	$(BIN)/pytest -c pytest.ini -p no:cacheprovider -q tests/bench
 	BENCH_QUICK=1 BENCH_PEERS=$(BENCH_PEERS) $(PY) scripts/bench/bench.py --out $(BENCH_REPORTS)/smoke $(BENCH_ARGS)
 
