@@ -480,7 +480,7 @@ def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str) -> d
     rabbit, store_node = stack.rabbit, stack.redis
     samples: list[tuple[float, int, float, float, float]] = []
     stored = 0
-    deadline = time.monotonic() + max(120, count / 100)
+    deadline = time.monotonic() + max(180, count / 50)
     try:
         while time.monotonic() < deadline:
             if not proc.alive():
