@@ -51,10 +51,26 @@ from pika.adapters.select_connection import SelectConnection
 
 from jobs_contract import JobMessage, topology
 from jobs_contract.store import utcnow
-from jobs_devtools.stack import ROOT, App, PrivateStack, app_env
+from jobs_devtools.stack import ROOT, App, PrivateStack, Proc, app_env
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token-" + secrets.token_hex(8)
+# Peers (scripts/bench/peers.py) run from their own venv: `make bench-peers`.
+PEERS_VENV = Path(os.environ.get("BENCH_PEERS") or ROOT / ".tools" / "bench-peers")
+# Producers: all answer 202 only after the broker confirmed the message (same durability).
+PEER_PRODUCERS = {"peer_celery": "peers:celery_api", "peer_dramatiq": "peers:dramatiq_api",
+                  "peer_naive": "peers:naive_api"}
+# Workers: both store every result in Redis (same durability as ours: outcome recorded, then ack).
+PEER_WORKERS = {"peer_celery_worker": "celery", "peer_dramatiq_worker": "dramatiq"}
+PEER_QUEUES = {"celery": "peer-celery", "dramatiq": "peer-dramatiq"}
+PEER_RESULTS_DB = {"celery": 1, "dramatiq": 2}
+PEER_LABELS = {
+    "peer_celery": "peer: Celery producer (confirm_publish, quorum queue)",
+    "peer_dramatiq": "peer: Dramatiq producer (confirm_delivery=True)",
+    "peer_naive": "peer: naive endpoint (BlockingConnection per thread, 1 confirm/request)",
+    "peer_celery_worker": "peer: Celery worker (acks_late, track_started, Redis results)",
+    "peer_dramatiq_worker": "peer: Dramatiq worker (Redis results backend)",
+}
 
 
 @dataclass
@@ -171,9 +187,10 @@ def bench_env(stack: PrivateStack, **extra: str) -> dict[str, str]:
     return app_env(stack.rabbit.url, stack.redis.url, API_TOKENS=TOKEN, **extra)
 
 
-def start_server(stack: PrivateStack, name: str, *args: str, env: dict[str, str] | None = None) -> App:
-    """main-app (or, with args, the no-op app) under gunicorn with main_app.gunicorn_conf, ready."""
-    app = stack.api(env or bench_env(stack), name=name, args=args)
+def start_server(stack: PrivateStack, name: str, *args: str, env: dict[str, str] | None = None,
+                 bin_dir: Path | None = None) -> App:
+    """main-app (or, with args, the no-op app or a peer) under gunicorn with main_app.gunicorn_conf, ready."""
+    app = stack.api(env or bench_env(stack), name=name, args=args, bin_dir=bin_dir)
     return app.wait_ready("/healthz" if args else "/readyz", 60)
 
 
@@ -372,14 +389,7 @@ def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
     if code not in (0, None):
         raise RuntimeError(f"service-app exited {code}")
 
-    def time_at(fraction: float) -> float:
-        target = fraction * count
-        for (t0, c0, *_), (t1, c1, *_) in zip(samples, samples[1:], strict=False):
-            if c0 <= target <= c1 and c1 > c0:
-                return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
-        raise RuntimeError("not enough samples")
-
-    rate = 0.8 * count / (time_at(0.9) - time_at(0.1))
+    rate = rate_10_90(samples, count)
     rss = [r for _, c, r, *_ in samples if r is not None and c > 0.05 * count]
     busy = [(c, *cpu) for _, c, _, *cpu in samples if 0.1 * count <= c <= 0.9 * count]
 
@@ -390,6 +400,109 @@ def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
             "cpu_us_per_job_redis": per_job(3),
             "rss_mb_start": rss[0] if rss else None, "rss_mb_max": max(rss, default=None),
             "rss_mb_end": rss[-1] if rss else None, "rss_samples": len(rss)}
+
+
+def rate_10_90(samples: list[tuple], count: int) -> float:
+    """Jobs/s between 10% and 90% done, from (time, done, ...) samples (linear in between)."""
+
+    def time_at(fraction: float) -> float:
+        target = fraction * count
+        for (t0, c0, *_), (t1, c1, *_) in zip(samples, samples[1:], strict=False):
+            if c0 <= target <= c1 and c1 > c0:
+                return t0 + (t1 - t0) * (target - c0) / (c1 - c0)
+        raise RuntimeError("not enough samples")
+
+    return 0.8 * count / (time_at(0.9) - time_at(0.1))
+
+
+# ---------------------------------------------------------------- peers (scripts/bench/peers.py)
+
+
+def purge_queues(url: str, names: list[str]) -> None:
+    """Purge these queues; a queue not declared yet is skipped."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        for name in names:
+            channel = connection.channel()
+            try:
+                channel.queue_purge(name)
+                channel.close()
+            except pika.exceptions.ChannelClosedByBroker:
+                pass
+    finally:
+        connection.close()
+
+
+def peer_env(stack: PrivateStack, **extra: str) -> dict[str, str]:
+    return bench_env(stack, PYTHONPATH=str(HERE), **extra)
+
+
+def peer_prefill(stack: PrivateStack, peer: str, count: int) -> None:
+    """`count` echo tasks on a peer's queue, through the peer's own client (not measured)."""
+    out = subprocess.run([str(PEERS_VENV / "bin" / "python"), str(HERE / "peers.py"), "prefill", peer, str(count)],
+                         env=peer_env(stack, BENCH_PEER_PREFILL="1"), capture_output=True, text=True,
+                         timeout=max(300, count / 50))
+    if out.returncode != 0:
+        raise RuntimeError(f"{peer} pre-fill failed: {out.stderr[-2000:]}")
+
+
+def peer_results_done(client: redis.Redis, peer: str) -> int:
+    """Results stored so far in the peer's results database (Celery: SUCCESS records only,
+    since task_track_started writes a STARTED record first)."""
+    if peer == "dramatiq":
+        return client.dbsize()
+    done = 0
+    keys = list(client.scan_iter("celery-task-meta-*", count=5000))
+    for start in range(0, len(keys), 5000):
+        done += sum(1 for v in client.mget(keys[start:start + 5000]) if v and b'"SUCCESS"' in v)
+    return done
+
+
+def peer_worker_command(peer: str) -> list[str]:
+    """Comparable to one service-app process at its defaults: 4 job threads, prefetch 8."""
+    bin_dir = PEERS_VENV / "bin"
+    if peer == "celery":
+        return [str(bin_dir / "celery"), "-A", "peers:celery_app", "worker", "--pool", "threads",
+                "--concurrency", "4", "--prefetch-multiplier", "2", "--without-gossip", "--without-mingle",
+                "--without-heartbeat", "--loglevel", "WARNING", "-Q", PEER_QUEUES[peer]]
+    return [str(bin_dir / "dramatiq"), "peers", "--processes", "1", "--threads", "4", "--queues", PEER_QUEUES[peer]]
+
+
+def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str) -> dict[str, Any]:
+    """One peer worker process on a pre-filled queue of `count` echo tasks: jobs/s between 10%
+    and 90% delivered (with late acks and prefetch 8, delivery runs at the completion rate), then
+    wait until every result is stored."""
+    results = redis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + f"/{PEER_RESULTS_DB[peer]}")
+    proc = Proc(peer_worker_command(peer), peer_env(stack, dramatiq_queue_prefetch="8"),
+                stack.work / f"{tag}.log", tag).start()
+    connection = pika.BlockingConnection(pika.URLParameters(stack.rabbit.url))
+    channel = connection.channel()
+    rabbit, store_node = stack.rabbit, stack.redis
+    samples: list[tuple[float, int, float, float, float]] = []
+    stored = 0
+    deadline = time.monotonic() + max(180, count / 50)
+    try:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{peer} worker exited: {proc.output()[-2000:]}")
+            ready = channel.queue_declare(PEER_QUEUES[peer], passive=True).method.message_count
+            samples.append((time.perf_counter(), count - ready, cpu_seconds([proc.pid, *proc.children()]),
+                            cpu_seconds([rabbit.os_pid() or 0]), cpu_seconds([store_node.process.pid])))
+            if ready == 0 and (stored := peer_results_done(results, peer)) >= count:
+                break
+            time.sleep(0.25)
+        else:
+            raise RuntimeError(f"{peer} drain of {count} did not finish: {stored} results; last {samples[-1:]}")
+    finally:
+        connection.close()
+        proc.stop(group=True)
+    busy = [s[1:] for s in samples if 0.1 * count <= s[1] <= 0.9 * count]
+
+    def per_job(i: int) -> float | None:
+        return (busy[-1][i] - busy[0][i]) / (busy[-1][0] - busy[0][0]) * 1e6 if len(busy) > 1 else None
+
+    return {"jobs_per_s": rate_10_90(samples, count), "cpu_us_per_job": per_job(1),
+            "cpu_us_per_job_rabbitmq": per_job(2), "cpu_us_per_job_redis": per_job(3), "results_stored": stored}
 
 
 # ---------------------------------------------------------------- end to end
@@ -465,6 +578,7 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dic
 class Bench:
     profile: Profile
     work: Path
+    peers: bool = True
     results: dict[str, Any] = field(default_factory=dict)
     runs: dict[str, list] = field(default_factory=dict)
 
@@ -472,6 +586,13 @@ class Bench:
         self.runs.setdefault(key, []).append(value)
         # Other work on the machine skews every number: keep the load next to each run.
         self.results.setdefault("loadavg_1m", []).append((key, os.getloadavg()[0]))
+
+    def reset(self, url: str, store: redis.Redis) -> None:
+        """Empty every queue (ours and the peers') and every Redis database between runs."""
+        purge(url)
+        if self.peers:
+            purge_queues(url, list(PEER_QUEUES.values()))
+        store.flushall()
 
     def run(self) -> dict[str, Any]:
         p = self.profile
@@ -481,17 +602,20 @@ class Bench:
             rabbit = stack.rabbit
             prefetch = int(os.environ.get("WORKER_PREFETCH") or 2 * int(os.environ.get("WORKER_CONCURRENCY") or 4))
 
-            # 1 + 3: no-op ceiling and ingest, interleaved.
+            # 1 + 3: no-op ceiling and ingest, interleaved (with the peers' producers).
             noop = start_server(stack, "noop", "--pythonpath", str(HERE), "noop_app:app")
             api = start_server(stack, "api")
-            for server in (noop, api):
+            servers = [("noop", noop), ("ingest", api)]
+            if self.peers:
+                servers += [(name, start_server(stack, name, "--pythonpath", str(HERE), target, env=peer_env(stack),
+                                                bin_dir=PEERS_VENV / "bin"))
+                            for name, target in PEER_PRODUCERS.items()]
+            for _, server in servers:
                 run_wrk(server.url, p.http_warmup, p.connections)
-            purge(rabbit.url)
-            store.flushdb()
+            self.reset(rabbit.url, store)
             others = {"rabbitmq": rabbit.os_pid(), "redis": stack.redis.process.pid}
             for i in range(p.repeats):
-                for name, server in (("noop", noop), ("ingest", api)) if i % 2 == 0 else (("ingest", api),
-                                                                                        ("noop", noop)):
+                for name, server in servers if i % 2 == 0 else servers[::-1]:
                     result = load(server, p.http_seconds, p.connections, others)
                     result["worker_rss_mb"] = worker_rss(server)
                     log(f"{name}: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
@@ -500,10 +624,20 @@ class Bench:
                         f"RabbitMQ {result.get('cpu_us_per_req_rabbitmq', 0):.0f}, "
                         f"Redis {result.get('cpu_us_per_req_redis', 0):.0f}")
                     self.record(name, result)
-                    if name == "ingest":
-                        purge(rabbit.url)
-                        store.flushdb()
-            noop.stop()
+                    if name != "noop":
+                        self.reset(rabbit.url, store)
+            # The same at -c16 (fewer requests in flight than threads), ours and the peers only.
+            if self.peers:
+                for i in range(p.repeats):
+                    for name, server in servers[1:] if i % 2 == 0 else servers[:0:-1]:
+                        result = load(server, p.http_seconds, 16, others)
+                        log(f"{name} -c16: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
+                            f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']}")
+                        self.record(f"{name}_c16", result)
+                        self.reset(rabbit.url, store)
+            for name, server in servers:
+                if name != "ingest":
+                    server.stop()
 
             # 2: raw publish ceilings.
             for _ in range(p.repeats):
@@ -523,9 +657,17 @@ class Bench:
             # 2 + 4: raw consume and the worker, interleaved.
             tuned = {"WORKER_CONCURRENCY": "16"}  # the lever: more jobs in flight per process
             for i in range(p.repeats):
-                names = ("raw_consume", "worker", "worker_tuned")
+                names = ("raw_consume", "worker", "worker_tuned", *(PEER_WORKERS if self.peers else ()))
                 for name in names if i % 2 == 0 else names[::-1]:
-                    if name == "raw_consume":
+                    if name in PEER_WORKERS:
+                        peer = PEER_WORKERS[name]
+                        peer_prefill(stack, peer, p.consume_messages)
+                        result = peer_worker_drain(stack, peer, p.consume_messages, f"{name}{i}")
+                        self.record(name, result)
+                        log(f"{name}: {result['jobs_per_s']:.0f} jobs/s, CPU {result['cpu_us_per_job'] or 0:.0f} "
+                            f"us/job, {result['results_stored']} results stored")
+                        self.reset(rabbit.url, store)
+                    elif name == "raw_consume":
                         PipelinedPublisher(rabbit.url).run(raw_message, count=p.consume_messages)
                         rate = raw_consume(rabbit.url, p.consume_messages, prefetch)
                         self.record(name, rate)
@@ -602,7 +744,36 @@ class Bench:
         }
         out["ingest_vs_noop"] = out["ingest_rps"]["median"] / out["noop_rps"]["median"]
         out["worker_vs_raw_consume"] = out["worker_jobs_s"]["median"] / out["raw_consume_msg_s"]["median"]
+        out.update(peer_summary(runs))
         return out
+
+
+def peer_summary(runs: dict[str, list]) -> dict[str, Any]:
+    """The peers' medians and the two ratios against the fastest peer at the same durability
+    (every producer waits for the broker's confirm; both peer workers store every result)."""
+    out: dict[str, Any] = {}
+    if not any(name in runs for name in PEER_PRODUCERS):
+        return out
+    out["ingest_c16_rps"] = summary([r["rps"] for r in runs.get("ingest_c16", [])])
+    for name in PEER_PRODUCERS:
+        out[f"{name}_rps"] = summary([r["rps"] for r in runs[name]])
+        out[f"{name}_p50_ms"] = summary([r["p50_ms"] for r in runs[name]])
+        out[f"{name}_p99_ms"] = summary([r["p99_ms"] for r in runs[name]])
+        out[f"{name}_cpu_us_per_req"] = summary([r.get("cpu_us_per_req") for r in runs[name]])
+        out[f"{name}_c16_rps"] = summary([r["rps"] for r in runs.get(f"{name}_c16", [])])
+        out[f"{name}_non_2xx"] = sum(r["non_2xx"] + r["socket_errors"] for r in runs[name])
+    for name in PEER_WORKERS:
+        out[f"{name}_jobs_s"] = summary([r["jobs_per_s"] for r in runs.get(name, [])])
+        out[f"{name}_cpu_us_per_job"] = summary([r.get("cpu_us_per_job") for r in runs.get(name, [])])
+    best_ingest = max(PEER_PRODUCERS, key=lambda n: out[f"{n}_rps"]["median"] or 0)
+    best_worker = max(PEER_WORKERS, key=lambda n: out[f"{n}_jobs_s"]["median"] or 0)
+    out["best_peer_ingest"], out["best_peer_worker"] = best_ingest, best_worker
+    ours_ingest, ours_worker = summary([r["rps"] for r in runs["ingest"]]), summary(
+        [r["jobs_per_s"] for r in runs["worker"]])
+    peer_ingest, peer_worker = out[f"{best_ingest}_rps"]["median"], out[f"{best_worker}_jobs_s"]["median"]
+    out["ingest_vs_best_peer"] = ours_ingest["median"] / peer_ingest if peer_ingest else None
+    out["worker_vs_best_peer"] = ours_worker["median"] / peer_worker if peer_worker else None
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -659,6 +830,7 @@ def table(r: dict[str, Any]) -> str:
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
          f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms"),
+        *peer_rows(r),
         ("RSS per gunicorn worker / service-app process",
          " / ".join(f"{x:.0f}" for x in r["gunicorn_worker_rss_mb"]) + f" / {r['service_app_rss_mb']:.0f} MB", ""),
     ]
@@ -668,9 +840,32 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "ingest_vs_best_peer" not in r:
+        return []
+    rows = [("main-app ingest POST /jobs at -c16", f"{fmt(r['ingest_c16_rps'])} req/s", "interleaved with the peers")]
+    for name in PEER_PRODUCERS:
+        rows.append((PEER_LABELS[name], f"{fmt(r[f'{name}_rps'])} req/s",
+                     f"p50 {fmt(r[f'{name}_p50_ms'], 2)} ms, p99 {fmt(r[f'{name}_p99_ms'], 2)} ms, "
+                     f"non-2xx {r[f'{name}_non_2xx']}; CPU {fmt(r[f'{name}_cpu_us_per_req'])} µs/req; "
+                     f"-c16 {fmt(r[f'{name}_c16_rps'])} req/s"))
+    for name in PEER_WORKERS:
+        rows.append((PEER_LABELS[name], f"{fmt(r[f'{name}_jobs_s'])} jobs/s",
+                     f"1 process, 4 threads, prefetch 8; CPU {fmt(r[f'{name}_cpu_us_per_job'])} µs/job"))
+    return rows
+
+
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def bench_line(r: dict[str, Any]) -> str:
-    return (f"bench: ingest_vs_noop={r['ingest_vs_noop']:.2f} worker_jobs_per_s={r['worker_jobs_s']['median']:.0f} "
+    line = (f"bench: ingest_vs_noop={r['ingest_vs_noop']:.2f} worker_jobs_per_s={r['worker_jobs_s']['median']:.0f} "
             f"worker_vs_raw_consume={r['worker_vs_raw_consume']:.2f} e2e_p99_ms={r['e2e_p99_ms']['median']:.1f}")
+    if "ingest_vs_best_peer" in r:
+        line += (f" ingest_vs_best_peer={ratio(r['ingest_vs_best_peer'])}"
+                 f" worker_vs_best_peer={ratio(r['worker_vs_best_peer'])}")
+    return line
 
 
 def main() -> int:
@@ -679,9 +874,13 @@ def main() -> int:
                         help="smoke run: one repeat, short phases (about a minute)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "reports" / "bench"))
+    parser.add_argument("--no-peers", action="store_true", help="leave out Celery, Dramatiq and the naive endpoint")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         print("error: wrk not found (Debian: apt-get install wrk; `make bench` installs it)", file=sys.stderr)
+        return 2
+    if not args.no_peers and not (PEERS_VENV / ".installed").exists():
+        print(f"error: the peers' venv {PEERS_VENV} is missing (`make bench-peers`; or --no-peers)", file=sys.stderr)
         return 2
     profile = QUICK if args.quick else Profile()
     if args.repeats:
@@ -690,7 +889,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="jobs-bench-"))
     try:
-        result = Bench(profile, work).run()
+        result = Bench(profile, work, peers=not args.no_peers).run()
     except BaseException:
         log(f"failed; logs kept in {work}")
         raise
@@ -711,6 +910,9 @@ def main() -> int:
     problems = []
     if result["ingest_non_2xx"]:
         problems.append(f"{result['ingest_non_2xx']} ingest requests failed (non-2xx or socket errors)")
+    for name in PEER_PRODUCERS:
+        if result.get(f"{name}_non_2xx"):
+            problems.append(f"{result[f'{name}_non_2xx']} {name} requests failed (non-2xx or socket errors)")
     if result["e2e_not_succeeded"]:
         problems.append(f"{result['e2e_not_succeeded']} accepted jobs did not succeed in the end-to-end phase")
     for problem in problems:

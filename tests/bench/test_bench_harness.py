@@ -1,4 +1,5 @@
-"""The bench harness's own logic, without services: wrk output parsing and statistics.
+"""The bench harness's own logic, without services: wrk output parsing, statistics, the peers'
+summary and the `bench:` line.
 Run by `make bench-smoke` (not part of `make test`)."""
 
 from jobs_devtools.bench import bench
@@ -42,3 +43,48 @@ def test_summary_and_percentile():
     assert bench.percentile(values, 50) == 50
     assert bench.percentile(values, 99) == 99
     assert bench.percentile([], 99) is None
+
+
+def _runs(ingest, worker, producers, workers):
+    runs = {"ingest": [{"rps": ingest}], "worker": [{"jobs_per_s": worker}]}
+    for name, rps in producers.items():
+        run = {"rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "socket_errors": 0, "cpu_us_per_req": 9.0}
+        runs[name] = [run]
+        runs[f"{name}_c16"] = [dict(run)]
+    runs["ingest_c16"] = [{"rps": ingest}]
+    for name, rate in workers.items():
+        runs[name] = [{"jobs_per_s": rate, "cpu_us_per_job": 5.0}]
+    return runs
+
+
+def test_peer_summary_picks_the_fastest_peer_at_the_same_durability():
+    producers = {"peer_celery": 100.0, "peer_dramatiq": 400.0, "peer_naive": 200.0}
+    workers = {"peer_celery_worker": 50.0, "peer_dramatiq_worker": 25.0}
+    out = bench.peer_summary(_runs(200.0, 100.0, producers, workers))
+    assert set(producers) == set(bench.PEER_PRODUCERS) and set(workers) == set(bench.PEER_WORKERS)
+    assert out["best_peer_ingest"] == "peer_dramatiq"
+    assert out["best_peer_worker"] == "peer_celery_worker"
+    assert out["ingest_vs_best_peer"] == 0.5
+    assert out["worker_vs_best_peer"] == 2.0
+    for name in producers:
+        assert {f"{name}_rps", f"{name}_p50_ms", f"{name}_p99_ms", f"{name}_c16_rps", f"{name}_non_2xx"} <= set(out)
+    for name in workers:
+        assert {f"{name}_jobs_s", f"{name}_cpu_us_per_job"} <= set(out)
+
+
+def test_peer_summary_without_peers_is_empty():
+    assert bench.peer_summary({"ingest": [{"rps": 1.0}], "worker": [{"jobs_per_s": 1.0}]}) == {}
+
+
+def _result(**extra):
+    return {"ingest_vs_noop": 0.4, "worker_jobs_s": bench.summary([1315.0]), "worker_vs_raw_consume": 0.32,
+            "e2e_p99_ms": bench.summary([86.6]), **extra}
+
+
+def test_bench_line_keeps_its_format_and_gains_the_peer_ratios():
+    assert bench.bench_line(_result()) == (
+        "bench: ingest_vs_noop=0.40 worker_jobs_per_s=1315 worker_vs_raw_consume=0.32 e2e_p99_ms=86.6")
+    line = bench.bench_line(_result(ingest_vs_best_peer=0.8, worker_vs_best_peer=1.25))
+    assert line.endswith(" e2e_p99_ms=86.6 ingest_vs_best_peer=0.80 worker_vs_best_peer=1.25")
+    assert bench.bench_line(_result(ingest_vs_best_peer=None, worker_vs_best_peer=None)).endswith(
+        "ingest_vs_best_peer=n/a worker_vs_best_peer=n/a")
