@@ -5,6 +5,8 @@ the same private nodes, so a busy machine skews both alike.
     python scripts/bench/ab.py ingest --ref HEAD --rounds 4
     python scripts/bench/ab.py ingest --ref WORKTREE --env-b GUNICORN_THREADS=16
     python scripts/bench/ab.py worker --ref HEAD --jobs 20000
+    python scripts/bench/ab.py ingest --ref WORKTREE --peer-b peer_naive   # B: a peer (make bench-peers)
+    python scripts/bench/ab.py worker --ref WORKTREE --peer-b peer_dramatiq_worker
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> int:
     parser.add_argument("--ref-b", default="WORKTREE", help="git ref for B (default: the working tree)")
     parser.add_argument("--env-a", nargs="*", default=[])
     parser.add_argument("--env-b", nargs="*", default=[])
+    parser.add_argument("--peer-b", choices=(*bench.PEER_PRODUCERS, *bench.PEER_WORKERS),
+                        help="B is this peer of `make bench` instead of our code")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--connections", type=int, default=50)
@@ -61,7 +65,11 @@ def main() -> int:
             variants = {"A": env_a, "B": env_b}
             if args.what == "ingest":
                 servers = {name: bench.start_server(stack, f"api-{name}", env=bench.bench_env(stack, **env))
-                           for name, env in variants.items()}
+                           for name, env in variants.items() if not (name == "B" and args.peer_b)}
+                if args.peer_b:
+                    servers["B"] = bench.start_server(stack, args.peer_b, "--pythonpath", str(bench.HERE),
+                                                      bench.PEER_PRODUCERS[args.peer_b],
+                                                      env=bench.peer_env(stack, **env_b), bin_dir=bench.PEERS_VENV / "bin")
                 for server in servers.values():
                     bench.run_wrk(server.url, 2, args.connections)
             for i in range(args.rounds):
@@ -73,6 +81,13 @@ def main() -> int:
                         bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
                                   f"cpu {r['cpu_us_per_req']:.0f} us/req "
                                   f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
+                    elif name == "B" and args.peer_b:
+                        peer = bench.PEER_WORKERS[args.peer_b]
+                        bench.peer_prefill(stack, peer, args.jobs)
+                        r = bench.peer_worker_drain(stack, peer, args.jobs, f"{name}{i}")
+                        results[name].append(r["jobs_per_s"])
+                        cpu[name].append(r.get("cpu_us_per_job", 0))
+                        bench.log(f"{name}: {r['jobs_per_s']:.0f} jobs/s load {os.getloadavg()[0]:.1f}")
                     else:
                         bench.prefill_jobs(stack.rabbit.url, store, args.jobs)
                         r = bench.worker_drain(stack, args.jobs, f"{name}{i}", variants[name])
@@ -82,6 +97,8 @@ def main() -> int:
                                   f"RSS max {r['rss_mb_max']:.1f} MB "
                                   f"load {os.getloadavg()[0]:.1f}")
                     bench.purge(stack.rabbit.url)
+                    if args.peer_b:
+                        bench.purge_queues(stack.rabbit.url, list(bench.PEER_QUEUES.values()))
                     store.flushdb()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -89,7 +106,7 @@ def main() -> int:
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]
     print(f"A ({args.ref} {args.env_a}): median {a:.0f}/s {results['A']}, "
           f"CPU {statistics.median(cpu['A']):.0f} us each (app processes)")
-    print(f"B ({args.ref_b} {args.env_b}): median {b:.0f}/s {results['B']}, "
+    print(f"B ({args.peer_b or args.ref_b} {args.env_b}): median {b:.0f}/s {results['B']}, "
           f"CPU {statistics.median(cpu['B']):.0f} us each")
     print(f"B/A throughput: {b / a:.2f} (per round {', '.join(f'{r:.2f}' for r in ratios)}); "
           f"B/A CPU per item: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.2f}")
