@@ -8,7 +8,7 @@ duplicate message can run again but cannot change the outcome already recorded.
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import redis
@@ -155,6 +155,21 @@ class IdempotencyRecord:
         return not self.confirmed and time.time() > self.pending_until
 
 
+class NewJob(NamedTuple):
+    """What JobStore.create records for a job main-app accepts."""
+
+    job_id: str
+    client: str
+    job_type: str
+    created_at: str
+    idempotency: tuple[str, str] | None = None  # (key, body hash)
+    pending_ttl_seconds: int = 30
+
+
+def _idempotency_record(reply: bytes | None) -> "IdempotencyRecord | None":
+    return IdempotencyRecord.decode(reply) if reply else None
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, job_ttl_seconds: int = 7 * 86400, idempotency_ttl_seconds: int = 86400):
         self.redis = client
@@ -196,15 +211,28 @@ class JobStore:
         The key is written with the job, for the full idempotency TTL, as pending for
         pending_ttl_seconds (long enough to publish); confirm_idempotency() marks it
         accepted, and a key left pending past that is resolved by claim_stale()."""
-        keys = [self.job_key(job_id)]
+        request = NewJob(job_id, client, job_type, created_at, idempotency, pending_ttl_seconds)
+        return _idempotency_record(self._create(**self._create_arguments(request)))
+
+    def create_many(self, requests: "list[NewJob]") -> list["IdempotencyRecord | None | redis.RedisError"]:
+        """create() for each request, in one round trip (a pipeline, not a transaction: each
+        create is its own atomic script). A request's own error is its entry; losing the
+        connection raises, and then any of them may have been written."""
+        pipeline = self.redis.pipeline(transaction=False)
+        for request in requests:
+            self._create(**self._create_arguments(request), client=pipeline)
+        return [reply if isinstance(reply, redis.RedisError) else _idempotency_record(reply)
+                for reply in pipeline.execute(raise_on_error=False)]
+
+    def _create_arguments(self, request: "NewJob") -> dict[str, list[Any]]:
+        keys = [self.job_key(request.job_id)]
         idem_value = ""
-        if idempotency is not None:
-            keys.append(self.idempotency_key(client, idempotency[0]))
-            idem_value = IdempotencyRecord(job_id, idempotency[1], confirmed=False,
-                                           pending_until=time.time() + pending_ttl_seconds).encode()
-        existing = self._create(keys=keys, args=[self.job_ttl, self.idempotency_ttl, idem_value, job_id, client,
-                                                 job_type, created_at])
-        return IdempotencyRecord.decode(existing) if existing else None
+        if request.idempotency is not None:
+            keys.append(self.idempotency_key(request.client, request.idempotency[0]))
+            idem_value = IdempotencyRecord(request.job_id, request.idempotency[1], confirmed=False,
+                                           pending_until=time.time() + request.pending_ttl_seconds).encode()
+        return {"keys": keys, "args": [self.job_ttl, self.idempotency_ttl, idem_value, request.job_id,
+                                       request.client, request.job_type, request.created_at]}
 
     def confirm_idempotency(self, client: str, key: str, job_id: str, body_hash: str) -> bool:
         """Mark the key accepted, unless it names another job by now."""

@@ -14,7 +14,7 @@ from main_app.auth import TokenAuthenticator
 from main_app.broker import Publisher
 from main_app.config import Settings
 from main_app.openapi import openapi_document
-from main_app.submission import Submissions
+from main_app.submission import Submissions, store_recorder
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None,
@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
     store = store or JobStore.from_url(settings.redis_url, job_ttl_seconds=settings.job_ttl_seconds,
                                        idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
     publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology,
-                                       stall_seconds=settings.publish_timeout_seconds).start()
+                                       stall_seconds=settings.publish_timeout_seconds,
+                                       recorder=store_recorder(store)).start()
     metrics.initialise(JOB_TYPES)
 
     app = Flask(__name__)

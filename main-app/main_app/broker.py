@@ -5,6 +5,12 @@ SelectConnection. Request threads hand it messages and wait only for the
 broker's confirm of their own message (matched by delivery tag), so the
 process is not capped at one confirm round trip at a time.
 
+A message may come with a record to write first (publish(record=...)): the loop writes
+the records of everything it takes from the outbox with one call of the `recorder`
+(main-app's: JobStore.create_many, one Redis round trip for the batch) and publishes
+only what was recorded, so a submission costs its request thread one hand-off and one
+wait, not a store round trip of its own besides.
+
 A request thread wakes the loop of the connection it saw; the wake-up is tied to
 that connection, so one lost with a dead connection cannot silence the next, and
 the loop also drains the outbox on a timer as a backstop. A publisher whose loop
@@ -14,9 +20,10 @@ leaves messages waiting is not ready (`ready`), whatever its connection says.
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pika
 from pika.adapters.select_connection import SelectConnection
@@ -51,10 +58,19 @@ class _Outgoing(NamedTuple):
     properties: pika.BasicProperties
     future: Future
     queued_at: float  # time.monotonic() when a request thread handed it over
+    record: Any = None  # written by the recorder before publishing, when given
+
+
+# Writes the records of a batch; for each: None (written: publish the message), an exception
+# (fails that message, unpublished), or any other value (its answer, unpublished). Raising fails
+# the whole batch, unpublished.
+Recorder = Callable[[list[Any]], Sequence[Any]]
 
 
 class Publisher:
-    def __init__(self, url: str, declare_topology: bool = True, stall_seconds: float = 5.0):
+    def __init__(self, url: str, declare_topology: bool = True, stall_seconds: float = 5.0,
+                 recorder: Recorder | None = None):
+        self._recorder = recorder
         self._parameters = pika.URLParameters(url)
         # During a resource alarm the broker stops reading: stop publishing at once (see
         # _on_blocked) and give the connection up if the alarm outlasts this.
@@ -95,25 +111,30 @@ class Publisher:
         return self._ready.wait(timeout)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties,
-                timeout: float) -> None:
-        """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise."""
+                timeout: float, record: Any = None) -> Any:
+        """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise. With a
+        record, the recorder writes it first: its error is raised (nothing published), and an
+        answer other than None is returned instead of publishing; None means published."""
+        if record is not None and self._recorder is None:
+            raise ValueError("a record to write, but this publisher has no recorder")
         connection = self._connection
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
         future: Future = Future()
         # The wake-up is tied to this connection: one sent to a connection that died meanwhile
         # does not count for its successor (which drains the outbox when it opens, and on a timer).
-        self._outbox.put(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic()), connection,
+        self._outbox.put(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic(), record),
+                         connection,
                          lambda: connection.ioloop.add_callback_threadsafe(self._publish_outbox))
         try:
-            future.result(timeout)
+            return future.result(timeout)
         except FutureTimeout:
             # Not handed to the broker yet: make sure it never is (the caller answers 503).
             if future.cancel():
                 raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s") from None
-            # Already on the wire: its confirm may be just arriving.
+            # Being recorded or already on the wire: its confirm may be just arriving.
             try:
-                future.result(min(1.0, timeout))
+                return future.result(min(1.0, timeout))
             except FutureTimeout:
                 raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
                     from None
@@ -230,13 +251,28 @@ class Publisher:
         connection.ioloop.call_later(BACKSTOP_DRAIN_SECONDS, lambda: self._drain_periodically(connection))
 
     def _publish_outbox(self) -> None:
-        for item in self._outbox.take():
-            self._publish_on_loop(item)
+        # A message whose request gave up waiting (and answered 503) is never recorded nor published.
+        batch = [item for item in self._outbox.take() if item.future.set_running_or_notify_cancel()]
+        to_record = [item for item in batch if item.record is not None]
+        if to_record:
+            self._record(to_record)
+        for item in batch:
+            if not item.future.done():  # not answered by its record
+                self._publish_on_loop(item)
+
+    def _record(self, items: list[_Outgoing]) -> None:
+        try:
+            answers = self._recorder([item.record for item in items])
+        except Exception as exc:  # noqa: BLE001 - the store's failure is each request's answer
+            answers = [exc] * len(items)
+        for item, answer in zip(items, answers, strict=True):
+            if isinstance(answer, BaseException):
+                item.future.set_exception(answer)
+            elif answer is not None:
+                item.future.set_result(answer)
 
     def _publish_on_loop(self, item: _Outgoing) -> None:
-        exchange, routing_key, body, properties, future, _ = item
-        if not future.set_running_or_notify_cancel():
-            return  # its request gave up waiting and answered 503: never publish it
+        exchange, routing_key, body, properties, future = item[:5]
         if self._channel is None or not self._channel.is_open:
             future.set_exception(BrokerUnavailable("not connected to RabbitMQ"))
             return

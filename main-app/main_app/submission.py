@@ -18,7 +18,7 @@ import redis
 
 from jobs_contract import JobMessage, JobStore, topology
 from jobs_contract.catalog import RequestValidator, ValidationFailed
-from jobs_contract.store import IdempotencyRecord, utcnow
+from jobs_contract.store import IdempotencyRecord, NewJob, utcnow
 from main_app import metrics
 from main_app.broker import BrokerUnavailable, Publisher
 from main_app.problems import Problem, RejectReason, unavailable
@@ -76,9 +76,11 @@ class Submissions:
                              created_at=utcnow())
         # Encoded before anything is written: a job whose message cannot be built leaves no record.
         encoded = self._encode(message)
-        existing = timed_store("create", self.store.create, message.id, client, job_type, message.created_at,
-                               idempotency and (idempotency.key, idempotency.body_hash),
-                               pending_ttl_seconds=self.pending_ttl)
+        # Recorded, then published, by the publisher's loop (one store round trip per batch).
+        existing = self._publish(message, encoded, idempotency, keep_key=False,
+                                 record=NewJob(message.id, client, job_type, message.created_at,
+                                               idempotency and (idempotency.key, idempotency.body_hash),
+                                               self.pending_ttl))
         republish = existing is not None
         if republish:
             resumed = self._resume(existing, client, idempotency, job_type)
@@ -87,8 +89,7 @@ class Submissions:
             # The key's request is over and nobody confirmed it: its job may or may not be queued.
             # Publish that job (same id) again: at worst a duplicate message of one job.
             message = dataclasses.replace(message, id=existing.job_id, created_at=resumed)
-            encoded = message.encode()
-        self._publish(message, encoded, idempotency, keep_key=republish)
+            self._publish(message, message.encode(), idempotency, keep_key=True)
         if idempotency is not None and not self._confirm(client, idempotency, message.id):
             log.warning("job %s accepted, but its Idempotency-Key could not be confirmed", message.id)
         if not republish:
@@ -126,13 +127,19 @@ class Submissions:
                           reason=RejectReason.INVALID, errors=[{"pointer": "/payload", "detail": str(exc)}]) from None
 
     def _publish(self, message: JobMessage, encoded: tuple[bytes, Any], idempotency: _Idempotency | None,
-                 keep_key: bool) -> None:
-        """Publish and wait for the confirm; if none comes, remove the record (compensate) and refuse."""
+                 keep_key: bool, record: NewJob | None = None) -> IdempotencyRecord | None:
+        """Publish and wait for the confirm, after writing `record` if given: then the record
+        already under its Idempotency-Key, if any, is returned instead (nothing published). If
+        the broker does not confirm, remove the record (compensate) and refuse."""
         body, properties = encoded
         started = time.perf_counter()
         try:
-            self.publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
-                                   timeout=self.publish_timeout_seconds)
+            return self.publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
+                                          timeout=self.publish_timeout_seconds, record=record)
+        except redis.RedisError as exc:  # the record could not be written: nothing was published
+            log.warning("job store create failed: %s", exc)
+            raise unavailable("the job store is unavailable; the job was not accepted",
+                              RejectReason.STORE_UNAVAILABLE) from None
         except BrokerUnavailable as exc:
             log.warning("job %s not accepted: %s", message.id, exc)
             try:  # the key stays while the job may be queued: a retry must get that job, not a new one
@@ -181,6 +188,22 @@ class Submissions:
         if outcome == "started":
             return self._resume(dataclasses.replace(existing, confirmed=True), client, idempotency, job_type)
         return outcome
+
+
+def store_recorder(store: JobStore) -> Callable[[list[NewJob]], list[Any]]:
+    """The publisher's recorder: a batch of new jobs written to the store in one round trip, timed."""
+
+    def record(jobs: list[NewJob]) -> list[Any]:
+        started = time.perf_counter()
+        try:
+            return store.create_many(jobs)
+        finally:
+            elapsed = time.perf_counter() - started
+            latency = metrics.child(metrics.STORE_LATENCY, "create")
+            for _ in jobs:
+                latency.observe(elapsed)
+
+    return record
 
 
 def _replay(job: dict[str, Any]) -> Accepted:

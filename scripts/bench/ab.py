@@ -5,6 +5,7 @@ the same private nodes, so a busy machine skews both alike.
     python scripts/bench/ab.py ingest --ref HEAD --rounds 4
     python scripts/bench/ab.py ingest --ref WORKTREE --env-b GUNICORN_THREADS=16
     python scripts/bench/ab.py worker --ref HEAD --jobs 20000
+    python scripts/bench/ab.py e2e --ref HEAD --rate 400   # submit-to-succeeded p99, API + one worker each
     python scripts/bench/ab.py ingest --ref WORKTREE --peer-b peer_naive   # B: a peer (make bench-peers)
     python scripts/bench/ab.py worker --ref WORKTREE --peer-b peer_dramatiq_worker
 """
@@ -38,7 +39,7 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ingest", "worker"))
+    parser.add_argument("what", choices=("ingest", "worker", "e2e"))
     parser.add_argument("--ref", default="HEAD", help="git ref for A, or WORKTREE to run the working tree as A too")
     parser.add_argument("--ref-b", default="WORKTREE", help="git ref for B (default: the working tree)")
     parser.add_argument("--env-a", nargs="*", default=[])
@@ -49,6 +50,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, default=400, help="e2e: submissions per second (open loop)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="jobs-ab-"))
     env_a, env_b = parse_env(args.env_a), parse_env(args.env_b)
@@ -63,15 +65,17 @@ def main() -> int:
     try:
         with bench.bench_stack(work, f"jobs-ab-{os.getpid()}") as (stack, store):
             variants = {"A": env_a, "B": env_b}
-            if args.what == "ingest":
+            if args.what in ("ingest", "e2e"):
                 servers = {name: bench.start_server(stack, f"api-{name}", env=bench.bench_env(stack, **env))
                            for name, env in variants.items() if not (name == "B" and args.peer_b)}
                 if args.peer_b:
                     servers["B"] = bench.start_server(stack, args.peer_b, "--pythonpath", str(bench.HERE),
                                                       bench.PEER_PRODUCERS[args.peer_b],
-                                                      env=bench.peer_env(stack, **env_b), bin_dir=bench.PEERS_VENV / "bin")
+                                                      env=bench.peer_env(stack, **env_b),
+                                                      bin_dir=bench.PEERS_VENV / "bin")
                 for server in servers.values():
                     bench.run_wrk(server.url, 2, args.connections)
+                bench.purge(stack.rabbit.url)
             for i in range(args.rounds):
                 for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
                     if args.what == "ingest":
@@ -81,6 +85,19 @@ def main() -> int:
                         bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
                                   f"cpu {r['cpu_us_per_req']:.0f} us/req "
                                   f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
+                    elif args.what == "e2e":
+                        worker = stack.worker(bench.bench_env(stack, **variants[name]), name=f"worker-{name}{i}")
+                        worker.wait_ready()
+                        try:
+                            bench.end_to_end(servers[name], store, args.rate, 1.0)  # warm-up
+                            r = bench.end_to_end(servers[name], store, args.rate, args.seconds)
+                        finally:
+                            worker.stop()
+                        results[name].append(r["e2e_p99_ms"])
+                        cpu[name].append(r["submit_p99_ms"])
+                        bench.log(f"{name}: e2e p50 {r['e2e_p50_ms']:.1f} ms p99 {r['e2e_p99_ms']:.1f} ms, submit p99 "
+                                  f"{r['submit_p99_ms']:.1f} ms, not succeeded {r['not_succeeded']} "
+                                  f"load {os.getloadavg()[0]:.1f}")
                     elif name == "B" and args.peer_b:
                         peer = bench.PEER_WORKERS[args.peer_b]
                         bench.peer_prefill(stack, peer, args.jobs)
@@ -102,6 +119,11 @@ def main() -> int:
                     store.flushdb()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.what == "e2e":
+        for name, ref, env in (("A", args.ref, args.env_a), ("B", args.ref_b, args.env_b)):
+            print(f"{name} ({ref} {env}): e2e p99 median {statistics.median(results[name]):.1f} ms {results[name]}, "
+                  f"submit p99 median {statistics.median(cpu[name]):.1f} ms")
+        return 0
     a, b = statistics.median(results["A"]), statistics.median(results["B"])
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]
     print(f"A ({args.ref} {args.env_a}): median {a:.0f}/s {results['A']}, "

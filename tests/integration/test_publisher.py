@@ -12,10 +12,13 @@ from concurrent.futures import Future
 import pika
 import pika.frame
 import pytest
+import redis
 from pika.spec import Basic
 from test_api import AUTH, make_settings
 
-from jobs_contract import topology
+from conftest import queue_depth
+from jobs_contract import JobStore, topology
+from jobs_contract.store import NewJob
 from main_app import broker
 from main_app.api import create_app
 from main_app.broker import BrokerUnavailable, Publisher
@@ -167,3 +170,93 @@ def test_a_returned_then_nacked_message_is_forgotten(rabbit):
     with pytest.raises(BrokerUnavailable, match="nack"):
         future.result(0)
     assert publisher._returned == set()
+
+
+class SpyRecorder:
+    """The store's recorder, counting its calls (each one Redis round trip) and their sizes."""
+
+    def __init__(self, store: JobStore, refuse: set[str] = frozenset()):
+        self.store = store
+        self.refuse = refuse  # job ids answered with a store error instead of being written
+        self.batches: list[list[str]] = []
+
+    def __call__(self, jobs: list[NewJob]) -> list:
+        self.batches.append([job.job_id for job in jobs])
+        written = self.store.create_many([job for job in jobs if job.job_id not in self.refuse])
+        answers = iter(written)
+        return [redis.ResponseError("refused") if job.job_id in self.refuse else next(answers) for job in jobs]
+
+
+def hold_loop(publisher: Publisher) -> threading.Event:
+    """Keep the publisher's I/O loop busy until the returned event is set."""
+    release = threading.Event()
+    publisher._connection.ioloop.add_callback_threadsafe(lambda: release.wait(30))
+    return release
+
+
+def publish_recorded(publisher: Publisher, job_id: str, outcomes: dict, timeout: float = 5.0) -> threading.Thread:
+    def run() -> None:
+        properties = pika.BasicProperties(delivery_mode=2, message_id=job_id)
+        try:
+            outcomes[job_id] = publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties,
+                                                 timeout=timeout, record=NewJob(job_id, "c", "echo", "t"))
+        except (BrokerUnavailable, redis.RedisError) as exc:
+            outcomes[job_id] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def recording_publisher(rabbit, redis_node, redis_client, amqp):
+    recorder = SpyRecorder(JobStore.from_url(redis_node.url), refuse={"job-refused"})
+    started = Publisher(rabbit.url, recorder=recorder).start()
+    assert started.wait_ready(15)
+    yield started, recorder
+    started.stop()
+
+
+def test_records_of_a_batch_are_written_in_one_round_trip_before_their_messages(recording_publisher, redis_client,
+                                                                               amqp):
+    """Messages handed over while the loop is busy are recorded together (one recorder call),
+    each before it is published; a record the store refuses fails its request, unpublished."""
+    publisher, recorder = recording_publisher
+    release = hold_loop(publisher)
+    outcomes: dict = {}
+    ids = [f"job-{n}" for n in range(8)] + ["job-refused"]
+    threads = [publish_recorded(publisher, job_id, outcomes) for job_id in ids]
+    wait_until(lambda: len(publisher._outbox) == len(ids), 10, "the requests did not all hand over")
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert len(recorder.batches) == 1 and sorted(recorder.batches[0]) == sorted(ids)  # one batch, one round trip
+    assert isinstance(outcomes.pop("job-refused"), redis.ResponseError)
+    assert outcomes == {job_id: None for job_id in ids[:-1]}  # None: recorded and confirmed
+    assert sorted(key.decode() for key in redis_client.keys("job:*")) == sorted(f"job:{i}" for i in ids[:-1])
+    assert queue_depth(amqp, topology.QUEUE) == len(ids) - 1
+
+
+def test_an_existing_idempotency_record_is_returned_and_nothing_published(recording_publisher, redis_client, amqp):
+    publisher, recorder = recording_publisher
+    recorder.store.create("job-first", "c", "echo", "t", ("key-1", "hash"))
+    properties = pika.BasicProperties(delivery_mode=2, message_id="job-second")
+    answer = publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties, timeout=5,
+                               record=NewJob("job-second", "c", "echo", "t", ("key-1", "hash")))
+    assert answer.job_id == "job-first"
+    assert redis_client.exists("job:job-second") == 0
+    assert queue_depth(amqp, topology.QUEUE) == 0
+
+
+def test_a_request_that_gave_up_before_the_loop_took_it_is_neither_recorded_nor_published(
+        recording_publisher, redis_client, amqp):
+    publisher, recorder = recording_publisher
+    release = hold_loop(publisher)
+    outcomes: dict = {}
+    publish_recorded(publisher, "job-late", outcomes, timeout=0.3).join(10)
+    assert isinstance(outcomes["job-late"], BrokerUnavailable) and not outcomes["job-late"].maybe_published
+    release.set()
+    publish(publisher)  # the loop has run its outbox since
+    assert recorder.batches == []
+    assert redis_client.exists("job:job-late") == 0
+    assert queue_depth(amqp, topology.QUEUE) == 1  # only the later, unrecorded message
