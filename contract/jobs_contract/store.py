@@ -18,20 +18,31 @@ FINAL_STATUSES = frozenset({"succeeded", "failed"})
 
 _FIELDS = ("id", "client", "type", "status", "attempts", "result", "error", "created_at", "started_at", "finished_at")
 
-# KEYS[1] job key, KEYS[2] idempotency key or absent.
-# ARGV: job ttl, idempotency ttl, idempotency value, id, client, type, created_at.
+# New jobs, any number at once. For job i: KEYS[2i-1] its record, KEYS[2i] its idempotency key
+# (or its record's key again when it has none); ARGV: job ttl, idempotency ttl, then per job
+# its idempotency value ('' for none), id, client, type, created_at.
 # (Positional values, field names here: each argument costs the client ~2 us to encode.)
-# Returns nil when created, or the idempotency value already stored.
+# Returns, per job, 0 when created, or the idempotency value already stored (nothing created).
 _CREATE = """
-if KEYS[2] then
-  local existing = redis.call('GET', KEYS[2])
-  if existing then return existing end
-  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[2])
+local created = {}
+for i = 1, #KEYS / 2 do
+  local a = 2 + (i - 1) * 5
+  local idempotency = ARGV[a + 1]
+  local existing = false
+  if idempotency ~= '' then
+    existing = redis.call('GET', KEYS[2 * i])
+    if not existing then redis.call('SET', KEYS[2 * i], idempotency, 'EX', ARGV[2]) end
+  end
+  if existing then
+    created[i] = existing
+  else
+    redis.call('HSET', KEYS[2 * i - 1], 'id', ARGV[a + 2], 'client', ARGV[a + 3], 'type', ARGV[a + 4],
+               'status', 'queued', 'attempts', 0, 'created_at', ARGV[a + 5])
+    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[1])
+    created[i] = 0
+  end
 end
-redis.call('HSET', KEYS[1], 'id', ARGV[4], 'client', ARGV[5], 'type', ARGV[6], 'status', 'queued',
-           'attempts', 0, 'created_at', ARGV[7])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-return false
+return created
 """
 
 # Undo a create whose publish failed. KEYS[1] job key, KEYS[2] idempotency key or absent.
@@ -166,10 +177,6 @@ class NewJob(NamedTuple):
     pending_ttl_seconds: int = 30
 
 
-def _idempotency_record(reply: bytes | None) -> "IdempotencyRecord | None":
-    return IdempotencyRecord.decode(reply) if reply else None
-
-
 class JobStore:
     def __init__(self, client: redis.Redis, job_ttl_seconds: int = 7 * 86400, idempotency_ttl_seconds: int = 86400):
         self.redis = client
@@ -211,28 +218,23 @@ class JobStore:
         The key is written with the job, for the full idempotency TTL, as pending for
         pending_ttl_seconds (long enough to publish); confirm_idempotency() marks it
         accepted, and a key left pending past that is resolved by claim_stale()."""
-        request = NewJob(job_id, client, job_type, created_at, idempotency, pending_ttl_seconds)
-        return _idempotency_record(self._create(**self._create_arguments(request)))
+        return self.create_many([NewJob(job_id, client, job_type, created_at, idempotency, pending_ttl_seconds)])[0]
 
-    def create_many(self, requests: "list[NewJob]") -> list["IdempotencyRecord | None | redis.RedisError"]:
-        """create() for each request, in one round trip (a pipeline, not a transaction: each
-        create is its own atomic script). A request's own error is its entry; losing the
-        connection raises, and then any of them may have been written."""
-        pipeline = self.redis.pipeline(transaction=False)
-        for request in requests:
-            self._create(**self._create_arguments(request), client=pipeline)
-        return [reply if isinstance(reply, redis.RedisError) else _idempotency_record(reply)
-                for reply in pipeline.execute(raise_on_error=False)]
-
-    def _create_arguments(self, request: "NewJob") -> dict[str, list[Any]]:
-        keys = [self.job_key(request.job_id)]
-        idem_value = ""
-        if request.idempotency is not None:
-            keys.append(self.idempotency_key(request.client, request.idempotency[0]))
-            idem_value = IdempotencyRecord(request.job_id, request.idempotency[1], confirmed=False,
-                                           pending_until=time.time() + request.pending_ttl_seconds).encode()
-        return {"keys": keys, "args": [self.job_ttl, self.idempotency_ttl, idem_value, request.job_id,
-                                       request.client, request.job_type, request.created_at]}
+    def create_many(self, jobs: "list[NewJob]") -> "list[IdempotencyRecord | None]":
+        """create() for each job, in order, in one round trip (one script; a job later in the batch
+        sees the idempotency keys of those before it)."""
+        keys: list[str] = []
+        args: list[Any] = [self.job_ttl, self.idempotency_ttl]
+        for job in jobs:
+            job_key = self.job_key(job.job_id)
+            idem_key, idem_value = job_key, ""
+            if job.idempotency is not None:
+                idem_key = self.idempotency_key(job.client, job.idempotency[0])
+                idem_value = IdempotencyRecord(job.job_id, job.idempotency[1], confirmed=False,
+                                               pending_until=time.time() + job.pending_ttl_seconds).encode()
+            keys += (job_key, idem_key)
+            args += (idem_value, job.job_id, job.client, job.job_type, job.created_at)
+        return [IdempotencyRecord.decode(reply) if reply else None for reply in self._create(keys=keys, args=args)]
 
     def confirm_idempotency(self, client: str, key: str, job_id: str, body_hash: str) -> bool:
         """Mark the key accepted, unless it names another job by now."""

@@ -11,6 +11,7 @@ from openapi_spec_validator import validate as validate_openapi
 
 from conftest import OTHER_TOKEN, TOKEN, queue_depth
 from jobs_contract import JobMessage, JobStore, topology
+from jobs_contract.store import NewJob
 from main_app.api import create_app
 from main_app.config import Settings
 
@@ -390,6 +391,21 @@ def test_confirming_a_key_never_overwrites_another_requests_key(redis_node, redi
     assert store.create("job-2", "c", "echo", "t", ("k", "h")) is None  # ...and another request takes it
     store.confirm_idempotency("c", "k", "job-1", "h")  # a late confirm of the first request
     assert store.create("job-3", "c", "echo", "t", ("k", "h")).job_id == "job-2"
+
+
+def test_create_many_records_a_batch_in_order_in_one_script(redis_node, redis_client):
+    """A batch is one script: each job is created unless its Idempotency-Key is taken, also by a
+    job earlier in the same batch (which then answers for it)."""
+    store = JobStore.from_url(redis_node.url)
+    assert store.create("job-0", "c", "echo", "t", ("taken", "h")) is None
+    answers = store.create_many([NewJob("job-1", "c", "echo", "t1"), NewJob("job-2", "c", "sleep", "t2", ("k", "h")),
+                                 NewJob("job-3", "c", "echo", "t3", ("k", "h")),
+                                 NewJob("job-4", "c", "echo", "t4", ("taken", "h"))])
+    assert answers[:2] == [None, None]
+    assert [answers[2].job_id, answers[3].job_id] == ["job-2", "job-0"]
+    assert sorted(key.decode() for key in redis_client.keys("job:*")) == ["job:job-0", "job:job-1", "job:job-2"]
+    assert store.get("job-2")["status"] == "queued" and store.get("job-2")["type"] == "sleep"
+    assert store.create_many([]) == []
 
 
 def test_discard_removes_a_record_only_while_queued(redis_node, redis_client):
