@@ -11,6 +11,7 @@ to: one lost with a dead connection does not silence that connection's successor
 import collections
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import InvalidStateError
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,3 +65,64 @@ class Handoff(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class Reply(Generic[T]):
+    """The answer to one handed-over item, awaited by the one thread that handed it over.
+
+    The states and methods of a concurrent.futures.Future that the hand-off uses (pending →
+    running or cancelled → finished; cancel() succeeds only while pending), at a fraction of
+    its cost: one lock for the state, and one held lock that finishing releases, instead of a
+    condition variable, a waiter lock per wait and callbacks. One waiter only."""
+
+    __slots__ = ("_state", "_value", "_error", "_lock", "_finished")
+
+    _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._PENDING
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._finished = threading.Lock()
+        self._finished.acquire()  # released when a result or an error is set
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """The consumer takes it (True), unless the waiter cancelled it (False)."""
+        with self._lock:
+            if self._state == self._CANCELLED:
+                return False
+            self._state = self._RUNNING
+            return True
+
+    def cancel(self) -> bool:
+        """The waiter gives up: True if the consumer had not taken it yet (it never will)."""
+        with self._lock:
+            if self._state == self._PENDING:
+                self._state = self._CANCELLED
+            return self._state == self._CANCELLED
+
+    def done(self) -> bool:
+        return self._state in (self._CANCELLED, self._FINISHED)
+
+    def set_result(self, value: T) -> None:
+        self._finish(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._finish(None, error)
+
+    def _finish(self, value: T | None, error: BaseException | None) -> None:
+        with self._lock:
+            if self._state in (self._CANCELLED, self._FINISHED):
+                raise InvalidStateError(f"already {'cancelled' if self._state == self._CANCELLED else 'finished'}")
+            self._value, self._error, self._state = value, error, self._FINISHED
+        self._finished.release()
+
+    def result(self, timeout: float) -> T:
+        """The result (or raise the error) once set; TimeoutError if not within `timeout` seconds."""
+        if not self._finished.acquire(timeout=timeout):
+            raise TimeoutError
+        self._finished.release()  # finished for good: a later result() returns at once
+        if self._error is not None:
+            raise self._error
+        return self._value

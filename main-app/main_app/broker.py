@@ -21,8 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, NamedTuple
 
 import pika
@@ -31,7 +29,7 @@ from pika.spec import Basic
 
 from jobs_contract import topology
 from jobs_contract.backoff import reconnect_delay
-from jobs_contract.handoff import Handoff
+from jobs_contract.handoff import Handoff, Reply
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ class _Outgoing(NamedTuple):
     routing_key: str
     body: bytes
     properties: pika.BasicProperties
-    future: Future
+    future: Reply
     queued_at: float  # time.monotonic() when a request thread handed it over
     record: Any = None  # written by the recorder before publishing, when given
 
@@ -79,7 +77,7 @@ class Publisher:
         self._declare_topology = declare_topology
         self._connection: SelectConnection | None = None
         self._channel = None
-        self._pending: dict[int, tuple[Future, str | None]] = {}
+        self._pending: dict[int, tuple[Reply, str | None]] = {}
         self._returned: set[str] = set()
         self._delivery_tag = 0
         # Messages handed over by request threads, published by the loop thread; under load
@@ -120,7 +118,7 @@ class Publisher:
         connection = self._connection
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
-        future: Future = Future()
+        future: Reply = Reply()
         # The wake-up is tied to this connection: one sent to a connection that died meanwhile
         # does not count for its successor (which drains the outbox when it opens, and on a timer).
         self._outbox.put(_Outgoing(exchange, routing_key, body, properties, future, time.monotonic(), record),
@@ -128,14 +126,14 @@ class Publisher:
                          lambda: connection.ioloop.add_callback_threadsafe(self._publish_outbox))
         try:
             return future.result(timeout)
-        except FutureTimeout:
+        except TimeoutError:
             # Not handed to the broker yet: make sure it never is (the caller answers 503).
             if future.cancel():
                 raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s") from None
             # Being recorded or already on the wire: its confirm may be just arriving.
             try:
                 return future.result(min(1.0, timeout))
-            except FutureTimeout:
+            except TimeoutError:
                 raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
                     from None
 

@@ -1,8 +1,12 @@
+import threading
+from concurrent.futures import InvalidStateError
+
 import pika
 import pytest
 
 from jobs_contract import JOB_TYPES, JobMessage, Limits, PoisonMessage, ValidationFailed, topology
 from jobs_contract.catalog import RequestValidator
+from jobs_contract.handoff import Reply
 from jobs_contract.message import HEADER_ATTEMPT, HEADER_SCHEMA_VERSION
 
 validator = RequestValidator(Limits(max_sleep_seconds=10, max_cpu_ms=1000, max_fail_times=3))
@@ -180,3 +184,30 @@ def test_nesting_deeper_than_orjson_writes_is_invalid():
     assert info.value.field == "/payload" and f"deeper than {MAX_NESTING}" in info.value.message
     with pytest.raises(ValidationFailed):  # the worker checks messages the same way
         validator.validate_payload("echo", {"b": deep})
+
+
+def test_reply_hands_a_result_or_an_error_to_the_waiting_thread():
+    reply = Reply()
+    with pytest.raises(TimeoutError):
+        reply.result(0.01)
+    assert reply.set_running_or_notify_cancel()
+    assert not reply.cancel()  # taken: too late to cancel
+    setter = threading.Timer(0.05, reply.set_result, args=("confirmed",))
+    setter.start()
+    assert reply.result(5) == "confirmed"
+    assert reply.result(0) == "confirmed" and reply.done()
+    with pytest.raises(InvalidStateError):
+        reply.set_exception(RuntimeError("twice"))
+    failed = Reply()
+    assert failed.set_running_or_notify_cancel()
+    failed.set_exception(RuntimeError("nack"))
+    with pytest.raises(RuntimeError, match="nack"):
+        failed.result(0)
+
+
+def test_a_cancelled_reply_is_never_taken():
+    reply = Reply()
+    assert reply.cancel() and reply.cancel() and reply.done()
+    assert not reply.set_running_or_notify_cancel()
+    with pytest.raises(InvalidStateError):
+        reply.set_result("late")
