@@ -69,7 +69,8 @@ def main() -> int:
                 if args.peer_b:
                     servers["B"] = bench.start_server(stack, args.peer_b, "--pythonpath", str(bench.HERE),
                                                       bench.PEER_PRODUCERS[args.peer_b],
-                                                      env=bench.peer_env(stack, **env_b), bin_dir=bench.PEERS_VENV / "bin")
+                                                      env=bench.peer_env(stack, **env_b),
+                                                      bin_dir=bench.PEERS_VENV / "bin")
                 for server in servers.values():
                     bench.run_wrk(server.url, 2, args.connections)
             for i in range(args.rounds):
