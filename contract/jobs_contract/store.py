@@ -113,31 +113,32 @@ _BEGIN_ARGS = 7
 # Record an outcome unless one is final already. KEYS[1] job key.
 # ARGV: status, job ttl, k (0 or 5), then k identity values (id, client, type,
 # created_at, attempts: to rebuild a record that vanished, e.g. in a Redis failover),
-# then field/value pairs. Returns the status now stored, or 'missing' (record gone, k = 0).
+# then field/value pairs (up to position `last`). Returns the status now stored, or
+# 'missing' (record gone, k = 0).
 _FINISH_FUNCTION = """
-local function finish(key, A, o)
+local function finish(key, A, last)
   local status = redis.call('HGET', key, 'status')
   if status == 'succeeded' or status == 'failed' then return status end
-  local k = tonumber(A[o + 3])
+  local k = tonumber(A[3])
   if not status then
     if k == 0 then return 'missing' end
-    redis.call('HSET', key, 'id', A[o + 4], 'client', A[o + 5], 'type', A[o + 6], 'created_at', A[o + 7],
-               'attempts', A[o + 8])
+    redis.call('HSET', key, 'id', A[4], 'client', A[5], 'type', A[6], 'created_at', A[7], 'attempts', A[8])
   end
-  redis.call('HSET', key, 'status', A[o + 1], unpack(A, o + 4 + k))
-  redis.call('EXPIRE', key, A[o + 2])
-  return A[o + 1]
+  redis.call('HSET', key, 'status', A[1], unpack(A, 4 + k, last))
+  redis.call('EXPIRE', key, A[2])
+  return A[1]
 end
 """
-_FINISH = _FINISH_FUNCTION + "return finish(KEYS[1], ARGV, 0)"
+_FINISH = _FINISH_FUNCTION + "return finish(KEYS[1], ARGV, #ARGV)"
 
 # One job's outcome, then the start of the next job a worker thread runs: one round trip
 # instead of two, as atomic as each alone. KEYS[1] the finished job's key, KEYS[2] the next
-# one's. ARGV: the 7 arguments of _BEGIN, then those of _FINISH. Returns {finish's answer,
-# begin's answer}. The outcome goes first: a second copy of the same job sees it.
+# one's. ARGV: the arguments of _FINISH, then the 7 of _BEGIN (an outcome's arguments come
+# first in both scripts: tests/chaos watches for them). Returns {finish's answer, begin's
+# answer}. The outcome goes first: a second copy of the same job sees it.
 _FINISH_BEGIN = (_BEGIN_FUNCTION + _FINISH_FUNCTION
-                 + f"return {{finish(KEYS[1], ARGV, {_BEGIN_ARGS}), begin(KEYS[2], ARGV, 0)}}")
-
+                 + f"local o = #ARGV - {_BEGIN_ARGS}\n"
+                 + "return {finish(KEYS[1], ARGV, o), begin(KEYS[2], ARGV, o)}")
 
 _second: tuple[int, str] = (0, "")  # the last whole second utcnow() formatted, and its text
 
@@ -304,8 +305,8 @@ class JobStore:
         each would. next_job: (id, client, type, created_at, redelivered) as begin() takes them."""
         stored, previous = self._finish_begin(
             keys=[self.job_key(job_id), self.job_key(next_job[0])],
-            args=[*self._begin_args(*next_job),
-                  *self._finish_args("succeeded", identity, result=result_json, error="", finished_at=utcnow())])
+            args=[*self._finish_args("succeeded", identity, result=result_json, error="", finished_at=utcnow()),
+                  *self._begin_args(*next_job)])
         return stored.decode(), previous.decode()
 
     def _finish_with(self, status: str, job_id: str, identity: dict[str, Any] | None, **fields: Any) -> str:
