@@ -301,7 +301,7 @@ class FinishWatcher:
             return
         with self._lock:
             self.completions[args[3].removeprefix("job:")].append(
-                (stamp, client.group(1) if client else "?", args[4]))
+                (stamp, client.group(1) if client else "?", args[3 + keys]))
 
     def duplicate_completions(self) -> dict[str, int]:
         """Jobs recorded final more than once: extra completions per job. A call retried on
