@@ -4,9 +4,11 @@ Redis, and only then acks, retries or dead-letters the message.
 Threads: the main thread owns the consume connection and does all its I/O, so heartbeats
 keep flowing however long a job runs. Jobs run on a pool of WORKER_CONCURRENCY threads
 (runner.py decides each outcome); their settlements are handed back to the main thread
-(settlement.py keeps that bookkeeping). Retry copies are published by the job thread on a
-second connection (retry_publisher.py), so a broker that blocks publishers (resource
-alarm) or refuses a retry copy holds up that one message only.
+(settlement.py keeps that bookkeeping). A job thread that records a success while other
+messages wait takes the oldest one itself, recording its `running` in the same store
+script. Retry copies are published by the job thread on a second connection
+(retry_publisher.py), so a broker that blocks publishers (resource alarm) or refuses a
+retry copy holds up that one message only.
 """
 
 import collections
