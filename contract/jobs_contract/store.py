@@ -7,7 +7,6 @@ duplicate message can run again but cannot change the outcome already recorded.
 
 import time
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -101,42 +100,71 @@ return redis.call('HGET', KEYS[2], 'created_at')
 # ('missing' when recreated), or 'duplicate': a first delivery of a job that is running is
 # a second copy of its message (the running copy is unacked, so the broker redelivers that
 # one if its worker dies); only a redelivery may run it again.
-_BEGIN = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' then return status end
-if status == 'running' and ARGV[7] == '1' then return 'duplicate' end
-if not status then
-  redis.call('HSET', KEYS[1], 'id', ARGV[3], 'client', ARGV[4], 'type', ARGV[5], 'status', 'queued',
-             'attempts', 0, 'created_at', ARGV[6])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-  status = 'missing'
+# (A function of the key and the arguments from position o + 1, so that one script can
+# also record another job's outcome first: _FINISH_BEGIN.)
+_BEGIN_FUNCTION = """
+local function begin(key, A, o)
+  local status = redis.call('HGET', key, 'status')
+  if status == 'succeeded' or status == 'failed' then return status end
+  if status == 'running' and A[o + 7] == '1' then return 'duplicate' end
+  if not status then
+    redis.call('HSET', key, 'id', A[o + 3], 'client', A[o + 4], 'type', A[o + 5], 'status', 'queued',
+               'attempts', 0, 'created_at', A[o + 6])
+    redis.call('EXPIRE', key, A[o + 2])
+    status = 'missing'
+  end
+  redis.call('HSET', key, 'status', 'running', 'started_at', A[o + 1])
+  redis.call('HINCRBY', key, 'attempts', 1)
+  return status
 end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return status
 """
+_BEGIN = _BEGIN_FUNCTION + "return begin(KEYS[1], ARGV, 0)"
+_BEGIN_ARGS = 7
 
 # Record an outcome unless one is final already. KEYS[1] job key.
 # ARGV: status, job ttl, k (0 or 5), then k identity values (id, client, type,
 # created_at, attempts: to rebuild a record that vanished, e.g. in a Redis failover),
-# then field/value pairs. Returns the status now stored, or 'missing' (record gone, k = 0).
-_FINISH = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' then return status end
-local k = tonumber(ARGV[3])
-if not status then
-  if k == 0 then return 'missing' end
-  redis.call('HSET', KEYS[1], 'id', ARGV[4], 'client', ARGV[5], 'type', ARGV[6], 'created_at', ARGV[7],
-             'attempts', ARGV[8])
+# then field/value pairs (up to position `last`). Returns the status now stored, or
+# 'missing' (record gone, k = 0).
+_FINISH_FUNCTION = """
+local function finish(key, A, last)
+  local status = redis.call('HGET', key, 'status')
+  if status == 'succeeded' or status == 'failed' then return status end
+  local k = tonumber(A[3])
+  if not status then
+    if k == 0 then return 'missing' end
+    redis.call('HSET', key, 'id', A[4], 'client', A[5], 'type', A[6], 'created_at', A[7], 'attempts', A[8])
+  end
+  redis.call('HSET', key, 'status', A[1], unpack(A, 4 + k, last))
+  redis.call('EXPIRE', key, A[2])
+  return A[1]
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], unpack(ARGV, 4 + k))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return ARGV[1]
 """
+_FINISH = _FINISH_FUNCTION + "return finish(KEYS[1], ARGV, #ARGV)"
+
+# One job's outcome, then the start of the next job a worker thread runs: one round trip
+# instead of two, as atomic as each alone. KEYS[1] the finished job's key, KEYS[2] the next
+# one's. ARGV: the arguments of _FINISH, then the 7 of _BEGIN (an outcome's arguments come
+# first in both scripts: tests/chaos watches for them). Returns {finish's answer, begin's
+# answer}. The outcome goes first: a second copy of the same job sees it.
+_FINISH_BEGIN = (_BEGIN_FUNCTION + _FINISH_FUNCTION
+                 + f"local o = #ARGV - {_BEGIN_ARGS}\n"
+                 + "return {finish(KEYS[1], ARGV, o), begin(KEYS[2], ARGV, o)}")
+
+_second: tuple[int, str] = (0, "")  # the last whole second utcnow() formatted, and its text
 
 
 def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """Now, UTC, to the millisecond (truncated, as isoformat does): 2026-01-01T00:00:00.000Z. The
+    date and time of day are formatted once a second (every job writes one or two timestamps)."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int((now - whole) * 1000):03d}Z"
 
 
 @dataclass(frozen=True)
@@ -188,6 +216,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._begin = client.register_script(_BEGIN)
         self._finish = client.register_script(_FINISH)
+        self._finish_begin = client.register_script(_FINISH_BEGIN)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "JobStore":
@@ -279,9 +308,11 @@ class JobStore:
         """Mark an attempt running; return the previous status (a final one, or 'duplicate' for a
         first delivery of a running job, means: do not run)."""
         status = self._begin(keys=[self.job_key(job_id)],
-                             args=[utcnow(), self.job_ttl, job_id, client, job_type, created_at,
-                                   "0" if redelivered else "1"])
+                             args=self._begin_args(job_id, client, job_type, created_at, redelivered))
         return status.decode()
+
+    def _begin_args(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool) -> list:
+        return [utcnow(), self.job_ttl, job_id, client, job_type, created_at, "0" if redelivered else "1"]
 
     @staticmethod
     def identity(job_id: str, client: str, job_type: str, created_at: str, attempts: int = 1) -> dict[str, Any]:
@@ -298,11 +329,23 @@ class JobStore:
     def retrying(self, job_id: str, error: str, identity: dict[str, Any] | None = None) -> str:
         return self._finish_with("retrying", job_id, identity, error=error)
 
+    def succeed_and_begin(self, job_id: str, result_json: bytes, identity: dict[str, Any] | None,
+                          next_job: tuple[str, str, str, str, bool]) -> tuple[str, str]:
+        """succeed(job_id, ...) then begin(*next_job), in one round trip (one script): returns what
+        each would. next_job: (id, client, type, created_at, redelivered) as begin() takes them."""
+        stored, previous = self._finish_begin(
+            keys=[self.job_key(job_id), self.job_key(next_job[0])],
+            args=[*self._finish_args("succeeded", identity, result=result_json, error="", finished_at=utcnow()),
+                  *self._begin_args(*next_job)])
+        return stored.decode(), previous.decode()
+
     def _finish_with(self, status: str, job_id: str, identity: dict[str, Any] | None, **fields: Any) -> str:
-        rebuild = [identity[name] for name in _IDENTITY] if identity else []
-        stored = self._finish(keys=[self.job_key(job_id)],
-                              args=[status, self.job_ttl, len(rebuild), *rebuild, *_flatten(fields)])
+        stored = self._finish(keys=[self.job_key(job_id)], args=self._finish_args(status, identity, **fields))
         return stored.decode()
+
+    def _finish_args(self, status: str, identity: dict[str, Any] | None, **fields: Any) -> list:
+        rebuild = [identity[name] for name in _IDENTITY] if identity else []
+        return [status, self.job_ttl, len(rebuild), *rebuild, *_flatten(fields)]
 
 
 _IDENTITY = ("id", "client", "type", "created_at", "attempts")  # the order _FINISH expects

@@ -113,10 +113,16 @@ class Ledger:
         lowest_unacked = min(unacked, default=None)
         covered = [t for t in tags if lowest_unacked is None or t < lowest_unacked]
         if len(covered) > 1:
-            channel.basic_ack(max(covered), multiple=True)
             tags = [t for t in tags if lowest_unacked is not None and t > lowest_unacked]
-        for tag in tags:
-            channel.basic_ack(tag)
+            tags.insert(0, max(covered))
+        # BlockingChannel.basic_ack sends at once (a poll and a send each): queue all but the
+        # last on the underlying channel, and let the last one send them all together.
+        multiple = len(covered) > 1
+        queue = getattr(channel, "_impl", channel)
+        for tag in tags[:-1]:
+            queue.basic_ack(tag, multiple=multiple)
+            multiple = False
+        channel.basic_ack(tags[-1], multiple=multiple)
 
     # any thread
 

@@ -4,11 +4,14 @@ Redis, and only then acks, retries or dead-letters the message.
 Threads: the main thread owns the consume connection and does all its I/O, so heartbeats
 keep flowing however long a job runs. Jobs run on a pool of WORKER_CONCURRENCY threads
 (runner.py decides each outcome); their settlements are handed back to the main thread
-(settlement.py keeps that bookkeeping). Retry copies are published by the job thread on a
-second connection (retry_publisher.py), so a broker that blocks publishers (resource
-alarm) or refuses a retry copy holds up that one message only.
+(settlement.py keeps that bookkeeping). A job thread that records a success while other
+messages wait takes the oldest one itself, recording its `running` in the same store
+script. Retry copies are published by the job thread on a second connection
+(retry_publisher.py), so a broker that blocks publishers (resource alarm) or refuses a
+retry copy holds up that one message only.
 """
 
+import collections
 import logging
 import threading
 import time
@@ -28,7 +31,7 @@ from service_app import metrics
 from service_app.config import Settings
 from service_app.jobs import HANDLERS
 from service_app.retry_publisher import RetryPublisher
-from service_app.runner import Abandoned, JobRunner
+from service_app.runner import Abandoned, JobRunner, Next
 from service_app.settlement import Ledger, SettleAction, Settlement
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ class Worker:
         self.store = store
         self.validator = RequestValidator(settings.limits)
         self.executor = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="job")
+        # Messages handed to the job pool, oldest first: one pool task per message takes the
+        # oldest, and a job thread that finishes a job takes the next one itself (_handle).
+        self._waiting: collections.deque[tuple] = collections.deque()
         self.stopping = threading.Event()
         self.abandon = threading.Event()
         self.connected = threading.Event()
@@ -175,7 +181,8 @@ class Worker:
     def _dispatch(self, generation: int, delivery_tag: int, job: JobMessage,
                   unrunnable: tuple[DeadLetterReason, str] | None = None) -> None:
         self.ledger.taken(generation, delivery_tag)
-        self.executor.submit(self._handle, generation, delivery_tag, job, unrunnable)
+        self._waiting.append((generation, delivery_tag, job, unrunnable))
+        self.executor.submit(self._take)
 
     def _close_quietly(self) -> None:
         self.connected.clear()
@@ -195,17 +202,47 @@ class Worker:
 
     # job threads
 
+    def _take(self) -> None:
+        """One pool task per message: handle the oldest waiting one, then each one this thread
+        takes after it. (None left: another job thread took this task's message as its next.)"""
+        try:
+            item = self._waiting.popleft()
+        except IndexError:
+            return
+        previous = None
+        while item is not None:
+            item, previous = self._handle(*item, previous=previous)
+
     def _handle(self, generation: int, delivery_tag: int, job: JobMessage,
-                unrunnable: tuple[DeadLetterReason, str] | None = None) -> None:
-        """A message taken from the queue: run its job (runner.py), then hand its settlement back."""
+                unrunnable: tuple[DeadLetterReason, str] | None = None, previous: str | None = None):
+        """A message taken from the queue: run its job (runner.py), then hand its settlement back.
+        previous: its attempt is recorded already (begin's answer). Returns the next message this
+        thread handles, if it took one when recording this job's success, and begin's answer for it
+        if its attempt was recorded in that same round trip: (message, previous) or (None, None)."""
+        taken: list = []
+
+        def take_next() -> Next | None:
+            if self.stopping.is_set():
+                return None
+            try:
+                item = self._waiting.popleft()
+            except IndexError:
+                return None
+            following = Next(item[2]) if item[3] is None and self.ledger.is_live(item[0]) else None
+            taken.extend((item, following))
+            return following
+
         settlement = None
         try:
-            if not self.ledger.is_live(generation):
+            if previous is not None:
+                # Begun with the outcome of the job before it: run it, as if it had just been begun.
+                settlement = self.runner.perform(job, previous, take_next)
+            elif not self.ledger.is_live(generation):
                 pass  # its connection is gone: the broker requeued it, maybe to a worker running it already
             elif unrunnable is not None:
                 settlement = self.runner.fail_unrunnable(job, *unrunnable)
             elif not self.stopping.is_set():  # prefetched but not started: leave it for the next worker
-                settlement = self.runner.perform(job)
+                settlement = self.runner.perform(job, take_next=take_next)
             if settlement is not None and settlement.action is SettleAction.RETRY:
                 # The original is acked only once its retry copy is confirmed.
                 published = self.runner.publish_retry(job, settlement.delay_seconds,
@@ -219,3 +256,7 @@ class Worker:
                       exc_info=log.isEnabledFor(logging.DEBUG))
             settlement = Settlement(SettleAction.REQUEUE)
         self.ledger.hand_back(generation, delivery_tag, settlement, self._connection)
+        if not taken:
+            return None, None
+        item, following = taken
+        return item, following.previous if following is not None else None

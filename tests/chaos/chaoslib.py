@@ -284,13 +284,15 @@ class FinishWatcher:
                 self._stop.wait(0.02)
 
     def _parse(self, line: str) -> None:
-        # Any script call on a job key whose first argument is a final status is the store's
-        # "finish" script (begin's is a timestamp, create's a TTL). Matched by shape, not by
-        # the script's SHA, so a worker running a newer store.py is still watched.
+        # Any script call whose first key is a job's and whose first argument is a final status
+        # records that job's outcome: the store's "finish" script, or "finish, then begin the
+        # next job" (two keys; begin's first argument is a timestamp, create's a TTL). Matched
+        # by shape, not by the script's SHA, so a worker running a newer store.py is still watched.
         if "evalsha" not in line[:200].lower() or '"job:' not in line:
             return
-        args = _QUOTED.findall(line)  # evalsha sha numkeys key args...
-        if len(args) < 5 or not args[3].startswith("job:") or args[4] not in FINAL:
+        args = _QUOTED.findall(line)  # evalsha sha numkeys key... args...
+        keys = int(args[2]) if len(args) > 2 and args[2].isdigit() else 0
+        if keys < 1 or len(args) < 4 + keys or not args[3].startswith("job:") or args[3 + keys] not in FINAL:
             return
         client = _CLIENT.search(line)
         try:
@@ -299,7 +301,7 @@ class FinishWatcher:
             return
         with self._lock:
             self.completions[args[3].removeprefix("job:")].append(
-                (stamp, client.group(1) if client else "?", args[4]))
+                (stamp, client.group(1) if client else "?", args[3 + keys]))
 
     def duplicate_completions(self) -> dict[str, int]:
         """Jobs recorded final more than once: extra completions per job. A call retried on

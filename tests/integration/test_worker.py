@@ -380,3 +380,31 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
     ledger.taken(generation, 7)
     assert ledger._apply(generation, 7, Settlement(SettleAction.REQUEUE)) is False
     assert channel.calls == [("basic_reject", (7,), {"requeue": True})]
+
+
+def test_an_outcome_and_the_next_jobs_start_in_one_round_trip(store, redis_client):
+    """succeed_and_begin answers as succeed() then begin() would, in that order."""
+    first, second = new_job(store, "echo", {}), new_job(store, "echo", {})
+    store.begin(first.id, first.client, first.type, first.created_at)
+    nxt = (second.id, second.client, second.type, second.created_at, False)
+    assert store.succeed_and_begin(first.id, b'{"n":1}', None, nxt) == ("succeeded", "queued")
+    record = store.get(first.id)
+    assert record["status"] == "succeeded" and record["result"] == {"n": 1} and record["finished_at"]
+    record = store.get(second.id)
+    assert record["status"] == "running" and record["attempts"] == 1 and record["started_at"]
+    # A first delivery of a running job is a second copy of its message: not begun again.
+    again = new_job(store, "echo", {})
+    assert store.succeed_and_begin(again.id, b"{}", None, nxt) == ("succeeded", "duplicate")
+    assert store.get(second.id)["attempts"] == 1
+    # The outcome goes first: a second copy of the job just finished finds it final.
+    assert store.succeed_and_begin(second.id, b"{}", None, nxt) == ("succeeded", "succeeded")
+    # A final outcome is never overwritten; vanished records are rebuilt from what the messages say.
+    redis_client.delete(store.job_key(first.id))
+    gone = JobMessage(id="gone", type="echo", payload={}, client="c-x", created_at="2026-01-01T00:00:00.000Z")
+    assert store.succeed_and_begin(second.id, b'{"n":2}', None, (gone.id, gone.client, gone.type, gone.created_at,
+                                                                   True)) == ("succeeded", "missing")
+    assert store.get(second.id)["result"] == {}
+    assert store.get("gone")["status"] == "running" and store.get("gone")["client"] == "c-x"
+    identity = store.identity(first.id, first.client, first.type, first.created_at)
+    assert store.succeed_and_begin(first.id, b'{"n":3}', identity, nxt)[0] == "succeeded"
+    assert store.get(first.id)["result"] == {"n": 3} and store.get(first.id)["client"] == first.client

@@ -291,3 +291,32 @@ def test_a_retry_the_broker_will_not_route_costs_neither_the_connection_nor_othe
     assert store.get(failing.id)["attempts"] == 2
     assert gates.runs.count(("other", 1)) == 1
     assert running.consumes == 1
+
+
+def test_a_backlog_costs_one_store_round_trip_per_job_and_each_job_starts_running(
+        rabbit, store, gates, run_worker, empty_queues, monkeypatch, redis_client):
+    """A job thread that finishes a job while others wait records that job's outcome and the next
+    one's `running` in one script: one store call per job, and every job still sees its attempt
+    recorded before it runs (its outcome before its ack)."""
+    statuses: dict[str, tuple[str, int]] = {}
+
+    def handler(payload: dict, ctx) -> dict:
+        record = store.get(ctx.job_id)
+        statuses[payload["gate"]] = (record["status"], record["attempts"])
+        return gates.handler(payload, ctx)
+
+    monkeypatch.setitem(jobs.HANDLERS, "echo", handler)
+    names = [f"j{i}" for i in range(12)]
+    submitted = [submit(rabbit.url, store, names[0])] + [submit(rabbit.url, store, n, wait=False) for n in names[1:]]
+    redis_client.config_resetstat()
+    running = run_worker(rabbit.url, WORKER_CONCURRENCY="1", WORKER_PREFETCH="12")
+    assert gates.started[names[0]].wait(20)
+    wait_until(lambda: len(running.worker._waiting) == len(names) - 1, 20, "not all the jobs were delivered")
+    gates.open(names[0])
+    wait_until(lambda: all(store.get(job.id)["status"] == "succeeded" for job in submitted), 20,
+               "not every job succeeded")
+    wait_until(lambda: rabbit.queue_counts(topology.QUEUE) == (0, 0), 20, "not every job was acked")
+    assert [name for name, _attempt in gates.runs] == names
+    assert statuses == {name: ("running", 1) for name in names}
+    scripts = redis_client.info("commandstats")["cmdstat_evalsha"]["calls"]
+    assert scripts <= len(names) + 2, f"{scripts} store scripts for {len(names)} jobs"  # (+ NOSCRIPT retries)

@@ -211,3 +211,17 @@ def test_a_cancelled_reply_is_never_taken():
     assert not reply.set_running_or_notify_cancel()
     with pytest.raises(InvalidStateError):
         reply.set_result("late")
+
+
+def test_utcnow_is_isoformat_to_the_millisecond(monkeypatch):
+    """Job timestamps: the same text as datetime's isoformat (milliseconds, truncated, 'Z'), also
+    when consecutive calls fall in one second (its date and time are reused) or in the next."""
+    import time
+    from datetime import UTC, datetime
+
+    from jobs_contract import store
+
+    for now in (1_798_761_599.9996, 1_798_761_600.0, 1_798_761_600.0415, 1_798_761_600.5, 1_798_761_601.25):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert store.utcnow() == expected
