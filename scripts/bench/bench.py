@@ -557,18 +557,30 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dic
     while True:
         pipe = store.pipeline(transaction=False)
         for r in accepted:
-            pipe.hmget(f"job:{r[2]}", "status", "finished_at")
+            pipe.hmget(f"job:{r[2]}", "status", "created_at", "started_at", "finished_at")
         records = pipe.execute()
-        pending = sum(1 for status, _ in records if status != b"succeeded")
+        pending = sum(1 for status, *_ in records if status != b"succeeded")
         if pending == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    e2e = [(parse_time(finished) - r[0]) * 1000 for r, (status, finished) in zip(accepted, records, strict=True)
-           if status == b"succeeded"]
+    # Where the time goes, per succeeded job: due -> created_at (the client's send, gunicorn, the
+    # request up to building the message), created_at -> started_at (record, publish, confirm,
+    # delivery, waiting for a job thread), started_at -> finished_at (the job and its outcome).
+    segments: dict[str, list[float]] = {"e2e": [], "to_created": [], "to_started": [], "to_finished": []}
+    for r, (status, created, started, finished) in zip(accepted, records, strict=True):
+        if status != b"succeeded":
+            continue
+        times = [r[0], *(parse_time(value) for value in (created, started, finished))]
+        segments["e2e"].append((times[3] - times[0]) * 1000)
+        for name, begin, end in (("to_created", 0, 1), ("to_started", 1, 2), ("to_finished", 2, 3)):
+            segments[name].append((times[end] - times[begin]) * 1000)
+    e2e = segments["e2e"]
     submit = [r[3] * 1000 for r in accepted]
     return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
-            "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99)}
+            "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
+            **{f"{name}_p{q}_ms": percentile(segments[name], q) for name in ("to_created", "to_started", "to_finished")
+               for q in (50, 99)}}
 
 
 # ---------------------------------------------------------------- the run
@@ -738,6 +750,8 @@ class Bench:
             "e2e_p50_ms": summary([r["e2e_p50_ms"] for r in runs["e2e"]]),
             "e2e_p99_ms": summary([r["e2e_p99_ms"] for r in runs["e2e"]]),
             "e2e_submit_p99_ms": summary([r["submit_p99_ms"] for r in runs["e2e"]]),
+            **{f"e2e_{name}_p{q}_ms": summary([r.get(f"{name}_p{q}_ms") for r in runs["e2e"]])
+               for name in ("to_created", "to_started", "to_finished") for q in (50, 99)},
             "e2e_not_succeeded": sum(r["not_succeeded"] for r in runs["e2e"]),
             "runs": runs,
             **self.results,
@@ -830,6 +844,11 @@ def table(r: dict[str, Any]) -> str:
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
          f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms"),
+        ("end to end, where the time goes (p50 / p99)",
+         f"{fmt(r['e2e_to_created_p50_ms'], 1)} / {fmt(r['e2e_to_created_p99_ms'], 1)} ms to `created_at`",
+         f"then {fmt(r['e2e_to_started_p50_ms'], 1)} / {fmt(r['e2e_to_started_p99_ms'], 1)} ms to `started_at` "
+         f"(record, publish, confirm, delivery, a free job thread), then {fmt(r['e2e_to_finished_p50_ms'], 1)} / "
+         f"{fmt(r['e2e_to_finished_p99_ms'], 1)} ms to `finished_at`"),
         *peer_rows(r),
         ("RSS per gunicorn worker / service-app process",
          " / ".join(f"{x:.0f}" for x in r["gunicorn_worker_rss_mb"]) + f" / {r['service_app_rss_mb']:.0f} MB", ""),
