@@ -49,11 +49,14 @@ def timed_store(operation: str, call: Callable[..., T], *args: Any, **kwargs: An
     try:
         return call(*args, **kwargs)
     except redis.RedisError as exc:
-        log.warning("job store %s failed: %s", operation, exc)
-        raise unavailable("the job store is unavailable; the job was not accepted",
-                          RejectReason.STORE_UNAVAILABLE) from None
+        raise _store_unavailable(operation, exc) from None
     finally:
         metrics.child(metrics.STORE_LATENCY, operation).observe(time.perf_counter() - started)
+
+
+def _store_unavailable(operation: str, exc: redis.RedisError) -> Problem:
+    log.warning("job store %s failed: %s", operation, exc)
+    return unavailable("the job store is unavailable; the job was not accepted", RejectReason.STORE_UNAVAILABLE)
 
 
 class Submissions:
@@ -137,9 +140,7 @@ class Submissions:
             return self.publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
                                           timeout=self.publish_timeout_seconds, record=record)
         except redis.RedisError as exc:  # the record could not be written: nothing was published
-            log.warning("job store create failed: %s", exc)
-            raise unavailable("the job store is unavailable; the job was not accepted",
-                              RejectReason.STORE_UNAVAILABLE) from None
+            raise _store_unavailable("create", exc) from None
         except BrokerUnavailable as exc:
             log.warning("job %s not accepted: %s", message.id, exc)
             try:  # the key stays while the job may be queued: a retry must get that job, not a new one
