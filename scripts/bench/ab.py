@@ -52,6 +52,10 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=400, help="e2e: submissions per second (open loop)")
     args = parser.parse_args()
+    peers_for = {"ingest": bench.PEER_PRODUCERS, "worker": bench.PEER_WORKERS, "e2e": {}}
+    if args.peer_b and args.peer_b not in peers_for[args.what]:
+        choices = ", ".join(peers_for[args.what])
+        parser.error(f"--peer-b for {args.what}: one of {choices}" if choices else "e2e has no --peer-b")
     work = Path(tempfile.mkdtemp(prefix="jobs-ab-"))
     env_a, env_b = parse_env(args.env_a), parse_env(args.env_b)
     if args.ref != "WORKTREE":
@@ -62,6 +66,7 @@ def main() -> int:
         env_b["PYTHONPATH"] = checkout(args.ref_b, work / "b")
     results: dict[str, list[float]] = {"A": [], "B": []}
     cpu: dict[str, list[float]] = {"A": [], "B": []}
+    submit_p99: dict[str, list[float]] = {"A": [], "B": []}  # e2e
     try:
         with bench.bench_stack(work, f"jobs-ab-{os.getpid()}") as (stack, store):
             variants = {"A": env_a, "B": env_b}
@@ -94,7 +99,7 @@ def main() -> int:
                         finally:
                             worker.stop()
                         results[name].append(r["e2e_p99_ms"])
-                        cpu[name].append(r["submit_p99_ms"])
+                        submit_p99[name].append(r["submit_p99_ms"])
                         bench.log(f"{name}: e2e p50 {r['e2e_p50_ms']:.1f} ms p99 {r['e2e_p99_ms']:.1f} ms, submit p99 "
                                   f"{r['submit_p99_ms']:.1f} ms, not succeeded {r['not_succeeded']} "
                                   f"load {os.getloadavg()[0]:.1f}")
@@ -122,7 +127,7 @@ def main() -> int:
     if args.what == "e2e":
         for name, ref, env in (("A", args.ref, args.env_a), ("B", args.ref_b, args.env_b)):
             print(f"{name} ({ref} {env}): e2e p99 median {statistics.median(results[name]):.1f} ms {results[name]}, "
-                  f"submit p99 median {statistics.median(cpu[name]):.1f} ms")
+                  f"submit p99 median {statistics.median(submit_p99[name]):.1f} ms")
         return 0
     a, b = statistics.median(results["A"]), statistics.median(results["B"])
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]
