@@ -84,7 +84,8 @@ def main() -> int:
             for i in range(args.rounds):
                 for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
                     if args.what == "ingest":
-                        r = bench.load(servers[name], args.seconds, args.connections)
+                        r = bench.load(servers[name], args.seconds, args.connections,
+                                       {"rabbitmq": stack.rabbit.os_pid() or 0, "redis": stack.redis.process.pid})
                         results[name].append(r["rps"])
                         cpu[name].append(r["cpu_us_per_req"])
                         bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
@@ -95,6 +96,7 @@ def main() -> int:
                         worker.wait_ready()
                         try:
                             bench.end_to_end(servers[name], store, args.rate, 1.0)  # warm-up
+                            bench.wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
                             r = bench.end_to_end(servers[name], store, args.rate, args.seconds)
                         finally:
                             worker.stop()
@@ -106,7 +108,7 @@ def main() -> int:
                     elif name == "B" and args.peer_b:
                         peer = bench.PEER_WORKERS[args.peer_b]
                         bench.peer_prefill(stack, peer, args.jobs)
-                        r = bench.peer_worker_drain(stack, peer, args.jobs, f"{name}{i}")
+                        r = bench.peer_worker_drain(stack, peer, args.jobs, f"{name}{i}", bench.worker_settings(env_b))
                         results[name].append(r["jobs_per_s"])
                         cpu[name].append(r.get("cpu_us_per_job", 0))
                         bench.log(f"{name}: {r['jobs_per_s']:.0f} jobs/s load {os.getloadavg()[0]:.1f}")

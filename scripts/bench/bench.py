@@ -50,8 +50,10 @@ import redis
 from pika.adapters.select_connection import SelectConnection
 
 from jobs_contract import JobMessage, topology
+from jobs_contract import env as contract_env
 from jobs_contract.store import utcnow
 from jobs_devtools.stack import ROOT, App, PrivateStack, Proc, app_env
+from service_app.config import Settings as WorkerSettings
 
 HERE = Path(__file__).resolve().parent
 TOKEN = "bench-token-" + secrets.token_hex(8)
@@ -173,6 +175,19 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
+def wait_until_quiet(pids: list[int], busy_share: float = 0.1, window: float = 0.5, timeout: float = 30) -> float:
+    """Wait until these processes (RabbitMQ, Redis) use under `busy_share` of a core over `window`
+    seconds, so that one run's aftermath (a quorum queue compacting its log after a purge) is not
+    measured as the next run's cost; the seconds waited (timeout: measure anyway)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_seconds(pids)
+        time.sleep(window)
+        if cpu_seconds(pids) - before < busy_share * window:
+            break
+    return time.monotonic() - started
+
+
 @contextmanager
 def bench_stack(work: Path, name: str) -> Iterator[tuple[PrivateStack, redis.Redis]]:
     """Private RabbitMQ and Redis nodes with the topology declared, and a client of the store."""
@@ -201,6 +216,7 @@ def server_pids(app: App) -> list[int]:
 def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
     """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
     RabbitMQ, Redis) spent per request."""
+    wait_until_quiet(list((others or {}).values()))
     groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     result = run_wrk(app.url, seconds, connections)
@@ -359,6 +375,7 @@ def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
                  on_start: Callable[[App], None] | None = None) -> dict[str, Any]:
     """Start one service-app process on a pre-filled queue of `count` echo jobs; measure jobs/s
     between 10% and 90% done, and its RSS all along."""
+    wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
     worker = stack.worker(bench_env(stack, **env), name=f"worker-{tag}")
     proc, rabbit, store_node = worker.proc, stack.rabbit, stack.redis
     if on_start:
@@ -458,22 +475,47 @@ def peer_results_done(client: redis.Redis, peer: str) -> int:
     return done
 
 
-def peer_worker_command(peer: str) -> list[str]:
-    """Comparable to one service-app process at its defaults: 4 job threads, prefetch 8."""
+def worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
+    """service-app's settings as a worker started with `env` (over this process's) reads them."""
+    with patched_environ(env or {}):
+        return contract_env.load(WorkerSettings)
+
+
+@contextmanager
+def patched_environ(env: dict[str, str]) -> Iterator[None]:
+    saved = os.environ.copy()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def peer_worker_command(peer: str, settings: WorkerSettings) -> list[str]:
+    """Comparable to one service-app process with `settings`: as many job threads, the same prefetch."""
     bin_dir = PEERS_VENV / "bin"
     if peer == "celery":
+        if settings.prefetch % settings.concurrency:
+            raise ValueError("Celery's prefetch is a multiple of its concurrency")
         return [str(bin_dir / "celery"), "-A", "peers:celery_app", "worker", "--pool", "threads",
-                "--concurrency", "4", "--prefetch-multiplier", "2", "--without-gossip", "--without-mingle",
-                "--without-heartbeat", "--loglevel", "WARNING", "-Q", PEER_QUEUES[peer]]
-    return [str(bin_dir / "dramatiq"), "peers", "--processes", "1", "--threads", "4", "--queues", PEER_QUEUES[peer]]
+                "--concurrency", str(settings.concurrency),
+                "--prefetch-multiplier", str(settings.prefetch // settings.concurrency), "--without-gossip",
+                "--without-mingle", "--without-heartbeat", "--loglevel", "WARNING", "-Q", PEER_QUEUES[peer]]
+    return [str(bin_dir / "dramatiq"), "peers", "--processes", "1", "--threads", str(settings.concurrency),
+            "--queues", PEER_QUEUES[peer]]
 
 
-def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str) -> dict[str, Any]:
-    """One peer worker process on a pre-filled queue of `count` echo tasks: jobs/s between 10%
-    and 90% delivered (with late acks and prefetch 8, delivery runs at the completion rate), then
-    wait until every result is stored."""
+def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str,
+                      settings: WorkerSettings | None = None) -> dict[str, Any]:
+    """One peer worker process on a pre-filled queue of `count` echo tasks, with service-app's
+    concurrency and prefetch (its defaults unless `settings`): jobs/s between 10% and 90%
+    delivered (with late acks, delivery runs at the completion rate), then wait until every
+    result is stored."""
+    settings = settings or worker_settings()
+    wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
     results = redis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + f"/{PEER_RESULTS_DB[peer]}")
-    proc = Proc(peer_worker_command(peer), peer_env(stack, dramatiq_queue_prefetch="8"),
+    proc = Proc(peer_worker_command(peer, settings), peer_env(stack, dramatiq_queue_prefetch=str(settings.prefetch)),
                 stack.work / f"{tag}.log", tag).start()
     connection = pika.BlockingConnection(pika.URLParameters(stack.rabbit.url))
     channel = connection.channel()
@@ -612,7 +654,8 @@ class Bench:
         log("starting private RabbitMQ and Redis nodes")
         with bench_stack(self.work, f"jobs-bench-{os.getpid()}") as (stack, store):
             rabbit = stack.rabbit
-            prefetch = int(os.environ.get("WORKER_PREFETCH") or 2 * int(os.environ.get("WORKER_CONCURRENCY") or 4))
+            settings = worker_settings()
+            prefetch = settings.prefetch
 
             # 1 + 3: no-op ceiling and ingest, interleaved (with the peers' producers).
             noop = start_server(stack, "noop", "--pythonpath", str(HERE), "noop_app:app")
@@ -653,6 +696,7 @@ class Bench:
 
             # 2: raw publish ceilings.
             for _ in range(p.repeats):
+                wait_until_quiet([rabbit.os_pid() or 0])
                 before = cpu_seconds([rabbit.os_pid() or 0])
                 confirmed, elapsed = PipelinedPublisher(rabbit.url).run(raw_message, seconds=p.publish_seconds)
                 rabbit_us = (cpu_seconds([rabbit.os_pid() or 0]) - before) / confirmed * 1e6
@@ -661,6 +705,7 @@ class Bench:
                 log(f"raw publish (confirms in flight): {confirmed / elapsed:.0f} msg/s, "
                     f"RabbitMQ CPU {rabbit_us:.0f} us/msg")
                 purge(rabbit.url)
+            wait_until_quiet([rabbit.os_pid() or 0])
             rate = publish_one_at_a_time(rabbit.url, min(3.0, p.publish_seconds))
             self.record("raw_publish_sync", rate)
             log(f"raw publish (one confirm at a time): {rate:.0f} msg/s")
@@ -681,6 +726,7 @@ class Bench:
                         self.reset(rabbit.url, store)
                     elif name == "raw_consume":
                         PipelinedPublisher(rabbit.url).run(raw_message, count=p.consume_messages)
+                        wait_until_quiet([rabbit.os_pid() or 0])
                         rate = raw_consume(rabbit.url, p.consume_messages, prefetch)
                         self.record(name, rate)
                         log(f"raw consume (prefetch {prefetch}): {rate:.0f} msg/s")
@@ -710,6 +756,7 @@ class Bench:
             worker = stack.worker(bench_env(stack), name="worker-e2e").wait_ready()
             end_to_end(api, store, e2e_rate, 1.0)  # warm-up
             for _ in range(p.repeats):
+                wait_until_quiet([rabbit.os_pid() or 0, stack.redis.process.pid])
                 result = end_to_end(api, store, e2e_rate, p.e2e_seconds)
                 self.record("e2e", result)
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
@@ -717,14 +764,15 @@ class Bench:
             self.results["service_app_rss_mb"] = rss_mb(worker.proc.pid)
             self.results["gunicorn_worker_rss_mb"] = worker_rss(api)
         self.results["elapsed_s"] = time.time() - started
-        return self.summarise(prefetch)
+        return self.summarise(settings, worker_settings(tuned))
 
-    def summarise(self, prefetch: int) -> dict[str, Any]:
+    def summarise(self, settings: WorkerSettings, tuned: WorkerSettings) -> dict[str, Any]:
         runs = self.runs
         out = {
             "machine": machine(),
             "profile": self.profile.__dict__,
-            "prefetch": prefetch,
+            "prefetch": settings.prefetch, "concurrency": settings.concurrency,
+            "tuned_concurrency": tuned.concurrency, "tuned_prefetch": tuned.prefetch,
             "noop_rps": summary([r["rps"] for r in runs["noop"]]),
             "noop_p50_ms": summary([r["p50_ms"] for r in runs["noop"]]),
             "noop_p99_ms": summary([r["p99_ms"] for r in runs["noop"]]),
@@ -834,12 +882,13 @@ def table(r: dict[str, Any]) -> str:
         ("raw publish, one confirm at a time", f"{fmt(r['raw_publish_sync_msg_s'])} msg/s", "reference"),
         (f"raw consume, manual acks, prefetch {r['prefetch']}", f"{fmt(r['raw_consume_msg_s'])} msg/s",
          "quorum `jobs` queue"),
-        (f"service-app echo jobs, 1 process (defaults: concurrency 4, prefetch {r['prefetch']})",
+        (f"service-app echo jobs, 1 process (defaults: concurrency {r['concurrency']}, prefetch {r['prefetch']})",
          f"{fmt(r['worker_jobs_s'])} jobs/s",
          f"status writes + acks included; CPU µs/job: worker {fmt(r['worker_cpu_us_per_job'])}, "
          f"RabbitMQ {fmt(r['worker_cpu_us_per_job_rabbitmq'])}, Redis {fmt(r['worker_cpu_us_per_job_redis'])}"),
-        ("service-app echo jobs, WORKER_CONCURRENCY=16", f"{fmt(r['worker_tuned_jobs_s'])} jobs/s",
-         f"prefetch 32; CPU {fmt(r['worker_tuned_cpu_us_per_job'])} µs/job"),
+        (f"service-app echo jobs, WORKER_CONCURRENCY={r['tuned_concurrency']}",
+         f"{fmt(r['worker_tuned_jobs_s'])} jobs/s",
+         f"prefetch {r['tuned_prefetch']}; CPU {fmt(r['worker_tuned_cpu_us_per_job'])} µs/job"),
         (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
@@ -870,7 +919,8 @@ def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"-c16 {fmt(r[f'{name}_c16_rps'])} req/s"))
     for name in PEER_WORKERS:
         rows.append((PEER_LABELS[name], f"{fmt(r[f'{name}_jobs_s'])} jobs/s",
-                     f"1 process, 4 threads, prefetch 8; CPU {fmt(r[f'{name}_cpu_us_per_job'])} µs/job"))
+                     f"1 process, {r['concurrency']} threads, prefetch {r['prefetch']}; "
+                     f"CPU {fmt(r[f'{name}_cpu_us_per_job'])} µs/job"))
     return rows
 
 
