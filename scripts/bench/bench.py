@@ -835,6 +835,11 @@ def peer_summary(runs: dict[str, list]) -> dict[str, Any]:
     peer_ingest, peer_worker = out[f"{best_ingest}_rps"]["median"], out[f"{best_worker}_jobs_s"]["median"]
     out["ingest_vs_best_peer"] = ours_ingest["median"] / peer_ingest if peer_ingest else None
     out["worker_vs_best_peer"] = ours_worker["median"] / peer_worker if peer_worker else None
+    # The same at -c16, against the fastest peer at -c16 (not necessarily the one at -c50).
+    best_c16 = max(PEER_PRODUCERS, key=lambda n: out[f"{n}_c16_rps"]["median"] or 0)
+    ours_c16, peer_c16 = out["ingest_c16_rps"]["median"], out[f"{best_c16}_c16_rps"]["median"]
+    out["best_peer_ingest_c16"] = best_c16
+    out["ingest_c16_vs_best_peer"] = ours_c16 / peer_c16 if ours_c16 and peer_c16 else None
     return out
 
 
@@ -933,7 +938,8 @@ def bench_line(r: dict[str, Any]) -> str:
             f"worker_vs_raw_consume={r['worker_vs_raw_consume']:.2f} e2e_p99_ms={r['e2e_p99_ms']['median']:.1f}")
     if "ingest_vs_best_peer" in r:
         line += (f" ingest_vs_best_peer={ratio(r['ingest_vs_best_peer'])}"
-                 f" worker_vs_best_peer={ratio(r['worker_vs_best_peer'])}")
+                 f" worker_vs_best_peer={ratio(r['worker_vs_best_peer'])}"
+                 f" ingest_c16_vs_best_peer={ratio(r.get('ingest_c16_vs_best_peer'))}")
     return line
 
 

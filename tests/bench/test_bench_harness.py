@@ -50,8 +50,8 @@ def _runs(ingest, worker, producers, workers):
     for name, rps in producers.items():
         run = {"rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "socket_errors": 0, "cpu_us_per_req": 9.0}
         runs[name] = [run]
-        runs[f"{name}_c16"] = [dict(run)]
-    runs["ingest_c16"] = [{"rps": ingest}]
+        runs[f"{name}_c16"] = [dict(run, rps=rps if name == "peer_naive" else rps / 4)]
+    runs["ingest_c16"] = [{"rps": ingest / 2}]
     for name, rate in workers.items():
         runs[name] = [{"jobs_per_s": rate, "cpu_us_per_job": 5.0}]
     return runs
@@ -66,6 +66,9 @@ def test_peer_summary_picks_the_fastest_peer_at_the_same_durability():
     assert out["best_peer_worker"] == "peer_celery_worker"
     assert out["ingest_vs_best_peer"] == 0.5
     assert out["worker_vs_best_peer"] == 2.0
+    # at -c16 the naive endpoint is the fastest peer (200 against Dramatiq's 100 and Celery's 25)
+    assert out["best_peer_ingest_c16"] == "peer_naive"
+    assert out["ingest_c16_vs_best_peer"] == 0.5
     for name in producers:
         assert {f"{name}_rps", f"{name}_p50_ms", f"{name}_p99_ms", f"{name}_c16_rps", f"{name}_non_2xx"} <= set(out)
     for name in workers:
@@ -84,7 +87,8 @@ def _result(**extra):
 def test_bench_line_keeps_its_format_and_gains_the_peer_ratios():
     assert bench.bench_line(_result()) == (
         "bench: ingest_vs_noop=0.40 worker_jobs_per_s=1315 worker_vs_raw_consume=0.32 e2e_p99_ms=86.6")
-    line = bench.bench_line(_result(ingest_vs_best_peer=0.8, worker_vs_best_peer=1.25))
-    assert line.endswith(" e2e_p99_ms=86.6 ingest_vs_best_peer=0.80 worker_vs_best_peer=1.25")
+    line = bench.bench_line(_result(ingest_vs_best_peer=0.8, worker_vs_best_peer=1.25, ingest_c16_vs_best_peer=0.9))
+    assert line.endswith(" e2e_p99_ms=86.6 ingest_vs_best_peer=0.80 worker_vs_best_peer=1.25"
+                         " ingest_c16_vs_best_peer=0.90")
     assert bench.bench_line(_result(ingest_vs_best_peer=None, worker_vs_best_peer=None)).endswith(
-        "ingest_vs_best_peer=n/a worker_vs_best_peer=n/a")
+        "ingest_vs_best_peer=n/a worker_vs_best_peer=n/a ingest_c16_vs_best_peer=n/a")
