@@ -103,7 +103,7 @@ def test_worker_crash(row, rabbit, redis_node, redis_client, amqp, start_api, st
                          fault_cleared_at=cleared)
     watcher.stop()
     statuses = Counter(status for status, _ in accounting.records.values())
-    row.notes = (f"{kills} kill -9 of 3 workers (concurrency 4, prefetch 8), each replaced; "
+    row.notes = (f"{kills} kill -9 of 3 workers (concurrency 4, default prefetch 16), each replaced; "
                  f"final statuses {dict(statuses)}")
     assert_accounted(row, accounting, watcher)
     assert row.accepted == row.sent
