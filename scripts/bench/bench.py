@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pika
 import redis
@@ -477,19 +478,8 @@ def peer_results_done(client: redis.Redis, peer: str) -> int:
 
 def worker_settings(env: dict[str, str] | None = None) -> WorkerSettings:
     """service-app's settings as a worker started with `env` (over this process's) reads them."""
-    with patched_environ(env or {}):
+    with mock.patch.dict(os.environ, env or {}):
         return contract_env.load(WorkerSettings)
-
-
-@contextmanager
-def patched_environ(env: dict[str, str]) -> Iterator[None]:
-    saved = os.environ.copy()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def peer_worker_command(peer: str, settings: WorkerSettings) -> list[str]:

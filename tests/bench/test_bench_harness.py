@@ -1,6 +1,8 @@
 """The bench harness's own logic, without services: wrk output parsing, statistics, the peers'
-summary and the `bench:` line.
+summary, the `bench:` line and the peer workers' settings.
 Run by `make bench-smoke` (not part of `make test`)."""
+
+import pytest
 
 from jobs_devtools.bench import bench
 
@@ -92,3 +94,18 @@ def test_bench_line_keeps_its_format_and_gains_the_peer_ratios():
                          " ingest_c16_vs_best_peer=0.90")
     assert bench.bench_line(_result(ingest_vs_best_peer=None, worker_vs_best_peer=None)).endswith(
         "ingest_vs_best_peer=n/a worker_vs_best_peer=n/a ingest_c16_vs_best_peer=n/a")
+
+
+def test_peer_workers_get_service_apps_concurrency_and_prefetch():
+    defaults = bench.worker_settings()
+    assert (defaults.concurrency, defaults.prefetch) == (4, 16)  # service-app's defaults
+    celery = bench.peer_worker_command("celery", defaults)
+    assert celery[celery.index("--concurrency") + 1] == "4"
+    assert celery[celery.index("--prefetch-multiplier") + 1] == "4"
+    tuned = bench.worker_settings({"WORKER_CONCURRENCY": "6", "WORKER_PREFETCH": "12"})
+    dramatiq = bench.peer_worker_command("dramatiq", tuned)
+    assert dramatiq[dramatiq.index("--threads") + 1] == "6"
+    celery = bench.peer_worker_command("celery", tuned)
+    assert celery[celery.index("--prefetch-multiplier") + 1] == "2"
+    with pytest.raises(ValueError, match="multiple"):
+        bench.peer_worker_command("celery", bench.worker_settings({"WORKER_CONCURRENCY": "4", "WORKER_PREFETCH": "6"}))
