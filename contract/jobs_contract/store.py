@@ -5,10 +5,11 @@ and a final status (succeeded, failed) is never overwritten: a redelivered or
 duplicate message can run again but cannot change the outcome already recorded.
 """
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -226,8 +227,9 @@ class HeldConnectionScripts:
         self._client = client
         self._held = threading.local()
 
-    def register(self, source: str) -> "HeldScript":
-        return HeldScript(self, self._client.register_script(source))
+    def register(self, source: str) -> Callable[..., Any]:
+        """The script, to call as script(keys=..., args=...)."""
+        return functools.partial(self.run, self._client.register_script(source))
 
     def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         connection = self._connection()
@@ -259,15 +261,6 @@ class HeldConnectionScripts:
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             connection.disconnect()
         return connection
-
-
-@dataclass(frozen=True)
-class HeldScript:
-    runner: HeldConnectionScripts
-    script: Script
-
-    def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        return self.runner.run(self.script, keys, args)
 
 
 class JobStore:

@@ -58,7 +58,7 @@ def test_a_connection_killed_by_the_server_is_replaced(redis_node, redis_client)
     store.create("first", "c", "echo", "t")
     (held,) = _connection_ids(store)
     redis_client.client_kill_filter(_id=held)
-    store.create("second", "c", "echo", "t")  # the client's retry reconnects
+    store.create("second", "c", "echo", "t")  # the idle check finds it closed and reconnects
     assert store.get("second")["status"] == "queued"
     assert held not in _connection_ids(store)
 
