@@ -84,8 +84,7 @@ def main() -> int:
             for i in range(args.rounds):
                 for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
                     if args.what == "ingest":
-                        r = bench.load(servers[name], args.seconds, args.connections,
-                                       {"rabbitmq": stack.rabbit.os_pid() or 0, "redis": stack.redis.process.pid})
+                        r = bench.load(servers[name], args.seconds, args.connections, bench.node_pids(stack))
                         results[name].append(r["rps"])
                         cpu[name].append(r["cpu_us_per_req"])
                         bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
@@ -96,7 +95,7 @@ def main() -> int:
                         worker.wait_ready()
                         try:
                             bench.end_to_end(servers[name], store, args.rate, 1.0)  # warm-up
-                            bench.wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
+                            bench.wait_until_quiet(bench.node_pids(stack))
                             r = bench.end_to_end(servers[name], store, args.rate, args.seconds)
                         finally:
                             worker.stop()

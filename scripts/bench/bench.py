@@ -176,17 +176,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
-def wait_until_quiet(pids: list[int], busy_share: float = 0.1, window: float = 0.5, timeout: float = 30) -> float:
+def node_pids(stack: PrivateStack) -> dict[str, int]:
+    """The OS pids of the stack's RabbitMQ and Redis nodes, by name."""
+    return {"rabbitmq": stack.rabbit.os_pid() or 0, "redis": stack.redis.process.pid}
+
+
+def wait_until_quiet(pids: dict[str, int], busy_share: float = 0.1, window: float = 0.5, timeout: float = 30) -> None:
     """Wait until these processes (RabbitMQ, Redis) use under `busy_share` of a core over `window`
     seconds, so that one run's aftermath (a quorum queue compacting its log after a purge) is not
-    measured as the next run's cost; the seconds waited (timeout: measure anyway)."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        before = cpu_seconds(pids)
+    measured as the next run's cost; after `timeout`, measure anyway."""
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        before = cpu_seconds(list(pids.values()))
         time.sleep(window)
-        if cpu_seconds(pids) - before < busy_share * window:
-            break
-    return time.monotonic() - started
+        if cpu_seconds(list(pids.values())) - before < busy_share * window:
+            return
 
 
 @contextmanager
@@ -217,7 +221,7 @@ def server_pids(app: App) -> list[int]:
 def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
     """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
     RabbitMQ, Redis) spent per request."""
-    wait_until_quiet(list((others or {}).values()))
+    wait_until_quiet(others or {})
     groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
     result = run_wrk(app.url, seconds, connections)
@@ -376,7 +380,7 @@ def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
                  on_start: Callable[[App], None] | None = None) -> dict[str, Any]:
     """Start one service-app process on a pre-filled queue of `count` echo jobs; measure jobs/s
     between 10% and 90% done, and its RSS all along."""
-    wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
+    wait_until_quiet(node_pids(stack))
     worker = stack.worker(bench_env(stack, **env), name=f"worker-{tag}")
     proc, rabbit, store_node = worker.proc, stack.rabbit, stack.redis
     if on_start:
@@ -503,7 +507,7 @@ def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str,
     delivered (with late acks, delivery runs at the completion rate), then wait until every
     result is stored."""
     settings = settings or worker_settings()
-    wait_until_quiet([stack.rabbit.os_pid() or 0, stack.redis.process.pid])
+    wait_until_quiet(node_pids(stack))
     results = redis.Redis.from_url(stack.redis.url.rsplit("/", 1)[0] + f"/{PEER_RESULTS_DB[peer]}")
     proc = Proc(peer_worker_command(peer, settings), peer_env(stack, dramatiq_queue_prefetch=str(settings.prefetch)),
                 stack.work / f"{tag}.log", tag).start()
@@ -658,7 +662,7 @@ class Bench:
             for _, server in servers:
                 run_wrk(server.url, p.http_warmup, p.connections)
             self.reset(rabbit.url, store)
-            others = {"rabbitmq": rabbit.os_pid(), "redis": stack.redis.process.pid}
+            others = node_pids(stack)
             for i in range(p.repeats):
                 for name, server in servers if i % 2 == 0 else servers[::-1]:
                     result = load(server, p.http_seconds, p.connections, others)
@@ -686,7 +690,7 @@ class Bench:
 
             # 2: raw publish ceilings.
             for _ in range(p.repeats):
-                wait_until_quiet([rabbit.os_pid() or 0])
+                wait_until_quiet(others)
                 before = cpu_seconds([rabbit.os_pid() or 0])
                 confirmed, elapsed = PipelinedPublisher(rabbit.url).run(raw_message, seconds=p.publish_seconds)
                 rabbit_us = (cpu_seconds([rabbit.os_pid() or 0]) - before) / confirmed * 1e6
@@ -695,7 +699,7 @@ class Bench:
                 log(f"raw publish (confirms in flight): {confirmed / elapsed:.0f} msg/s, "
                     f"RabbitMQ CPU {rabbit_us:.0f} us/msg")
                 purge(rabbit.url)
-            wait_until_quiet([rabbit.os_pid() or 0])
+            wait_until_quiet(others)
             rate = publish_one_at_a_time(rabbit.url, min(3.0, p.publish_seconds))
             self.record("raw_publish_sync", rate)
             log(f"raw publish (one confirm at a time): {rate:.0f} msg/s")
@@ -716,7 +720,7 @@ class Bench:
                         self.reset(rabbit.url, store)
                     elif name == "raw_consume":
                         PipelinedPublisher(rabbit.url).run(raw_message, count=p.consume_messages)
-                        wait_until_quiet([rabbit.os_pid() or 0])
+                        wait_until_quiet(others)
                         rate = raw_consume(rabbit.url, p.consume_messages, prefetch)
                         self.record(name, rate)
                         log(f"raw consume (prefetch {prefetch}): {rate:.0f} msg/s")
@@ -746,7 +750,7 @@ class Bench:
             worker = stack.worker(bench_env(stack), name="worker-e2e").wait_ready()
             end_to_end(api, store, e2e_rate, 1.0)  # warm-up
             for _ in range(p.repeats):
-                wait_until_quiet([rabbit.os_pid() or 0, stack.redis.process.pid])
+                wait_until_quiet(others)
                 result = end_to_end(api, store, e2e_rate, p.e2e_seconds)
                 self.record("e2e", result)
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
