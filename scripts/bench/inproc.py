@@ -46,9 +46,11 @@ def wsgi_post(app, path: str, document: dict, headers: dict[str, str]):
 
 
 def main() -> int:
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="jobs-inproc-metrics-"))
-    with PrivateStack(Path(tempfile.mkdtemp(prefix="jobs-inproc-")), f"jobs-inproc-{os.getpid()}") as stack:
-        return measure(stack)
+    with tempfile.TemporaryDirectory(prefix="jobs-inproc-") as work:
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(Path(work) / "metrics"))
+        Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(exist_ok=True)
+        with PrivateStack(Path(work) / "nodes", f"jobs-inproc-{os.getpid()}") as stack:
+            return measure(stack)
 
 
 def measure(stack: PrivateStack) -> int:
