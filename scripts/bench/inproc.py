@@ -1,9 +1,9 @@
 """CPU per part of a job submission, in one process, one request at a time: the Flask
 test client's own cost (GET /healthz), a whole POST /jobs, the same without any I/O (a
-publisher that returns at once; WSGI calls, no test client) beside a bare Flask view, the store write, a confirmed
-publish through the publisher thread (with and without its record), and a confirmed
-publish from the calling thread (a BlockingConnection, the naive peer's way).
-process_time() counts every thread.
+publisher that answers at once; WSGI calls, no test client) beside a bare Flask view, the
+store write, a confirmed publish through the publisher thread (with and without its
+record), and a confirmed publish from the calling thread (a BlockingConnection, the naive
+peer's way). process_time() counts every thread.
 
     .venv/bin/python scripts/bench/inproc.py
 """
