@@ -3,7 +3,10 @@
 #
 #   dockerd.sh start    install Debian's docker.io if dockerd is missing, then start
 #                       dockerd unless an engine already answers on DOCKER_SOCKET
-#   dockerd.sh stop     stop the engine only if this script started it (pid file)
+#   dockerd.sh stop     stop the engine only if this script started it (pid file), then
+#                       remove the bridge and iptables rules it left (remove-network)
+#   dockerd.sh remove-network   remove docker0 and Docker's iptables rules and chains
+#                       (not while a dockerd runs in this network namespace: they are its)
 #   dockerd.sh status   exit 0 when an engine answers
 #
 # The engine keeps its data under DOCKER_DATA_ROOT (default /var/lib/docker-test,
@@ -76,15 +79,52 @@ stop() {
   log "stopping dockerd (pid $pid)"
   kill -TERM "$pid"
   for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { log "stopped"; return; }
+    kill -0 "$pid" 2>/dev/null || { log "stopped"; remove_network; return; }
     sleep 1
   done
   log "error: dockerd (pid $pid) still running after 60 s"; exit 1
 }
 
+engine_in_this_netns() {
+  local pid ours
+  ours=$(readlink /proc/self/ns/net)
+  for pid in $(pgrep -x dockerd || true); do
+    if [[ $(readlink "/proc/$pid/ns/net" 2>/dev/null) == "$ours" ]]; then return 0; fi
+  done
+  return 1
+}
+
+# dockerd creates the docker0 bridge and its iptables rules and chains (filter and nat),
+# and leaves them all behind when it exits.
+remove_network() {
+  if engine_in_this_netns; then log "a dockerd runs in this network namespace: its network stays"; return; fi
+  if command -v iptables >/dev/null; then
+    local table rules rule chain args
+    for table in filter nat; do
+      # The rules that jump to Docker's chains or match its bridge, then the chains themselves
+      # (all flushed before any is deleted: they jump to one another).
+      rules=$(iptables -t "$table" -S | grep -E '^-A [^ ]+ .*(DOCKER|docker0)' | grep -v '^-A DOCKER' || true)
+      while read -r rule; do
+        [[ -n $rule ]] || continue
+        read -ra args <<<"${rule/#-A /-D }"
+        iptables -t "$table" "${args[@]}"
+      done <<<"$rules"
+      for chain in $(iptables -t "$table" -S | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}'); do
+        iptables -t "$table" -F "$chain"
+      done
+      for chain in $(iptables -t "$table" -S | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}'); do
+        iptables -t "$table" -X "$chain"
+      done
+    done
+  fi
+  if ip link show docker0 >/dev/null 2>&1; then ip link delete docker0; fi
+  log "removed docker0 and Docker's iptables rules"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  remove-network) remove_network ;;
   status) engine_up ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|remove-network|status" >&2; exit 2 ;;
 esac
