@@ -4,6 +4,7 @@ namespace of the test's own, holding the rules dockerd creates beside rules of s
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -41,8 +42,8 @@ def _rules(netns: str, table: str) -> list[str]:
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if shutil.which("iptables") is None or shutil.which("ip") is None:
-        pytest.skip("needs ip and iptables (root)")
+    if os.geteuid() != 0 or shutil.which("iptables") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, ip and iptables (a network namespace of its own)")
     name = f"jobs-dockerd-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
