@@ -30,6 +30,7 @@ from pika.spec import Basic
 from jobs_contract import topology
 from jobs_contract.backoff import reconnect_delay
 from jobs_contract.handoff import Handoff, Reply
+from main_app.amqp_writes import coalesce_frame_writes
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ Recorder = Callable[[list[Any]], Sequence[Any]]
 class Publisher:
     def __init__(self, url: str, declare_topology: bool = True, stall_seconds: float = 5.0,
                  recorder: Recorder | None = None):
+        coalesce_frame_writes()  # a batch of messages leaves in one socket write
         self._recorder = recorder
         self._parameters = pika.URLParameters(url)
         # During a resource alarm the broker stops reading: stop publishing at once (see

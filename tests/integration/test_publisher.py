@@ -260,3 +260,33 @@ def test_a_request_that_gave_up_before_the_loop_took_it_is_neither_recorded_nor_
     assert recorder.batches == []
     assert redis_client.exists("job:job-late") == 0
     assert queue_depth(amqp, topology.QUEUE) == 1  # only the later, unrecorded message
+
+
+def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amqp, monkeypatch):
+    """pika writes each frame with its own send(); the publisher's batch (3 frames per message)
+    goes out in one, and RabbitMQ takes every message of it intact."""
+    from pika.adapters.utils import io_services_utils
+
+    publisher, _ = recording_publisher
+    sends: list[int] = []
+    pika_send = io_services_utils._AsyncTransportBase._sigint_safe_send
+
+    def counting_send(sock, data):
+        if threading.current_thread().name == "rabbitmq-publisher":
+            sends.append(len(data))
+        return pika_send(sock, data)
+
+    monkeypatch.setattr(io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send))
+    release = hold_loop(publisher)
+    outcomes: dict = {}
+    ids = [f"job-{n}" for n in range(8)]
+    threads = [publish_recorded(publisher, job_id, outcomes) for job_id in ids]
+    wait_until(lambda: len(publisher._outbox) == len(ids), 10, "the requests did not all hand over")
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == {job_id: None for job_id in ids}
+    assert len(sends) == 1, sends  # 24 frames, one write
+    received = [amqp.basic_get(topology.QUEUE, auto_ack=True) for _ in ids]
+    assert sorted(props.message_id for _, props, _ in received) == sorted(ids)
+    assert all(body == b"{}" for _, _, body in received)

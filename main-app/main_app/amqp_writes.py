@@ -1,0 +1,38 @@
+"""One socket write per pass of pika's I/O loop, instead of one per AMQP frame.
+
+pika's transport sends every frame it has buffered with a send() of its own: a published
+message is three frames (method, header, body), so a batch of N messages cost 3N system
+calls here and as many reads on RabbitMQ's side. `coalesce_frame_writes()` makes the
+transport join what is buffered when the socket turns writable and send it in one call:
+the same bytes in the same order; a partial send is requeued by pika as before.
+
+pika's own `_produce` does the sending; only its buffer is joined first. The pinned pika
+(1.4.x) is checked when this is installed, so an upgrade that moves these internals fails
+at start, not silently.
+"""
+
+from pika.adapters.utils import io_services_utils
+
+# Above this, frames are sent as pika buffered them: joining would copy large bodies again.
+MAX_JOINED_BYTES = 256 * 1024
+
+_Transport = io_services_utils._AsyncTransportBase
+_pika_produce = _Transport._produce
+
+
+def _produce_joined(self) -> None:
+    buffers = self._tx_buffers
+    if len(buffers) > 1 and self._tx_buffered_byte_count <= MAX_JOINED_BYTES:
+        joined = b"".join(buffers)
+        buffers.clear()
+        buffers.append(joined)
+    _pika_produce(self)
+
+
+def coalesce_frame_writes() -> None:
+    """Install the joining send in pika's transports (idempotent; process-wide)."""
+    if _Transport._produce is _produce_joined:
+        return
+    if "_tx_buffers" not in _pika_produce.__code__.co_names or not hasattr(_Transport, "_sigint_safe_send"):
+        raise RuntimeError("pika's transport internals changed: review main_app.amqp_writes")
+    _Transport._produce = _produce_joined
