@@ -61,6 +61,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=30_000)
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL: where the CPU goes")
     parser.add_argument("--only", choices=("main-app", "service-app"))
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections against main-app")
     args = parser.parse_args()
     global GIL_ONLY
     GIL_ONLY = args.gil
@@ -71,10 +72,10 @@ def main() -> int:
         with bench.bench_stack(work, "jobs-profile") as (stack, store):
             if args.only != "service-app":
                 api = bench.start_server(stack, "api")
-                bench.run_wrk(api.url, 2, 50)
+                bench.run_wrk(api.url, 2, args.connections)
                 spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
                 time.sleep(0.5)
-                result = bench.run_wrk(api.url, args.seconds, 50)
+                result = bench.run_wrk(api.url, args.seconds, args.connections)
                 spy.wait(60)
                 bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
                 api.stop()
