@@ -24,6 +24,7 @@ from pathlib import Path
 from jobs_devtools.bench import bench
 
 PACKAGES = ("main-app/main_app", "service-app/service_app", "contract/jobs_contract")
+WARM_ALL_THREADS_CONNECTIONS = 100  # more than gunicorn's workers x threads (2 x 32)
 
 
 def checkout(ref: str, into: Path) -> str:
@@ -79,6 +80,9 @@ def main() -> int:
                                                       env=bench.peer_env(stack, **env_b),
                                                       bin_dir=bench.PEERS_VENV / "bin")
                 for server in servers.values():
+                    # Every gunicorn thread serves a request first: the naive peer opens a broker
+                    # connection per thread on its first request, which must not fall in a measured run.
+                    bench.run_wrk(server.url, 3, WARM_ALL_THREADS_CONNECTIONS)
                     bench.run_wrk(server.url, 2, args.connections)
                 bench.purge(stack.rabbit.url)
             for i in range(args.rounds):
