@@ -4,7 +4,8 @@ pika's transport sends every frame it has buffered with a send() of its own: a p
 message is three frames (method, header, body), so a batch of N messages cost 3N system
 calls here and as many reads on RabbitMQ's side. `coalesce_frame_writes()` makes the
 transport join what is buffered when the socket turns writable and send it in one call:
-the same bytes in the same order; a partial send is requeued by pika as before.
+the same bytes in the same order; a partial send is requeued by pika as before. Over TLS
+frames are sent as pika buffered them.
 
 pika's own `_produce` does the sending; only its buffer is joined first. The pinned pika
 (1.4.x) is checked when this is installed, so an upgrade that moves these internals fails
@@ -17,12 +18,14 @@ from pika.adapters.utils import io_services_utils
 MAX_JOINED_BYTES = 256 * 1024
 
 _Transport = io_services_utils._AsyncTransportBase
+_TLS = io_services_utils._AsyncSSLTransport
 _pika_produce = _Transport._produce
 
 
 def _produce_joined(self) -> None:
     buffers = self._tx_buffers
-    if len(buffers) > 1 and self._tx_buffered_byte_count <= MAX_JOINED_BYTES:
+    # Not over TLS: OpenSSL wants a write it refused (WANT_WRITE) retried with the same bytes.
+    if len(buffers) > 1 and self._tx_buffered_byte_count <= MAX_JOINED_BYTES and not isinstance(self, _TLS):
         joined = b"".join(buffers)
         buffers.clear()
         buffers.append(joined)

@@ -65,3 +65,16 @@ def test_large_buffers_are_sent_as_pika_buffered_them():
     transport = transport_with(big, sock)
     transport._produce()
     assert sock.sends == big
+
+
+def test_frames_over_tls_are_sent_as_pika_buffered_them():
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport = object.__new__(io_services_utils._AsyncSSLTransport)
+    transport._sock = sock
+    transport._state = transport._STATE_ACTIVE
+    transport._tx_buffers = collections.deque()
+    transport._tx_buffered_byte_count = 0
+    for frame in FRAMES:
+        transport._buffer_tx_data(frame)
+    io_services_utils._AsyncTransportBase._produce(transport)  # the send loop under pika's TLS handling
+    assert sock.sends == FRAMES
