@@ -7,9 +7,10 @@ transport join what is buffered when the socket turns writable and send it in on
 the same bytes in the same order; a partial send is requeued by pika as before. Over TLS
 frames are sent as pika buffered them.
 
-pika's own `_produce` does the sending; only its buffer is joined first. The pinned pika
-(1.4.x) is checked when this is installed, so an upgrade that moves these internals fails
-at start, not silently.
+pika's own `_produce` does the sending; only its buffer is joined first. What this relies
+on in pika's internals (the pinned 1.4.x: `_produce` sending from `_tx_buffers`, and
+`_sigint_safe_send`) is checked when it is installed, so an upgrade that moves them fails at
+start, not silently.
 """
 
 from pika.adapters.utils import io_services_utils

@@ -59,6 +59,25 @@ def test_a_partial_send_keeps_every_byte_in_order():
     assert transport._tx_buffered_byte_count == 0
 
 
+def test_frames_buffered_while_the_socket_was_full_follow_the_unsent_rest():
+    class FullOnceSocket(ShortWriteSocket):
+        def send(self, data) -> int:
+            if not self.sends:
+                self.sends.append(b"")
+                raise BlockingIOError  # EAGAIN: pika keeps the buffer and waits for writability
+            return super().send(data)
+
+    sock = FullOnceSocket(limit=1 << 20)
+    transport = transport_with(FRAMES[:3], sock)
+    with pytest.raises(BlockingIOError):
+        transport._produce()
+    for frame in FRAMES[3:]:
+        transport._buffer_tx_data(frame)
+    transport._produce()
+    assert sock.sends == [b"", b"".join(FRAMES)]
+    assert transport._tx_buffered_byte_count == 0
+
+
 def test_large_buffers_are_sent_as_pika_buffered_them():
     big = [b"x" * amqp_writes.MAX_JOINED_BYTES, b"y" * 10, b"z" * 10]
     sock = ShortWriteSocket(limit=1 << 20)
