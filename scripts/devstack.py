@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import honcho.command
+import honcho.manager
+
 from jobs_contract.access import MAIN_APP_USER, SERVICE_APP_USER, definitions
 from jobs_devtools.stack import (
     ROOT,
@@ -28,6 +31,7 @@ from jobs_devtools.stack import (
 
 API = "http://127.0.0.1:8000"
 PORTS = {"amqp": 5682, "dist": 25682, "prometheus": 15702, "management": 15682, "redis": 6389, "workers": 9101}
+STOP_GRACE_SECONDS = 30  # after Ctrl-C, before honcho SIGKILLs what is still running
 
 
 def load_or_create_env(run_dir: Path) -> dict[str, str]:
@@ -94,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
     ]) + "\n"
     (run_dir / "Procfile").write_text(procfile)
     os.chdir(ROOT)
-    os.execv(str(venv_bin / "honcho"), [
-        "honcho", "-f", str(run_dir / "Procfile"), "-e", str(run_dir / "stack.env"), "-d", str(ROOT),
+    # honcho SIGKILLs whatever is still running 5 s after Ctrl-C; RabbitMQ takes longer to stop.
+    honcho.manager.KILL_WAIT = STOP_GRACE_SECONDS
+    honcho.command.main([
+        "-f", str(run_dir / "Procfile"), "-e", str(run_dir / "stack.env"), "-d", str(ROOT),
         "start", "-p", str(PORTS["workers"]), "-c", f"worker={args.workers}",
     ])
+    return 0
 
 
 def banner(args: argparse.Namespace) -> int:
