@@ -8,9 +8,9 @@ the same bytes in the same order; a partial send is requeued by pika as before. 
 frames are sent as pika buffered them.
 
 pika's own `_produce` does the sending; only its buffer is joined first. What this relies
-on in pika's internals (the pinned 1.4.x: `_produce` sending from `_tx_buffers`, and
-`_sigint_safe_send`) is checked when it is installed, so an upgrade that moves them fails at
-start, not silently.
+on in the pinned pika 1.4.x (the plaintext transport inheriting `_produce`, which sends from
+`_tx_buffers`, and `_sigint_safe_send`) is checked when it is installed, so an upgrade that
+moves them fails at start, not silently.
 """
 
 from pika.adapters.utils import io_services_utils
@@ -19,14 +19,15 @@ from pika.adapters.utils import io_services_utils
 MAX_JOINED_BYTES = 256 * 1024
 
 _Transport = io_services_utils._AsyncTransportBase
-_TLS = io_services_utils._AsyncSSLTransport
+# Only the plaintext transport: over TLS, OpenSSL wants a write it refused (WANT_WRITE) retried
+# with the same bytes, and pika's TLS transport keeps calling the base class's `_produce`.
+_Plaintext = io_services_utils._AsyncPlaintextTransport
 _pika_produce = _Transport._produce
 
 
 def _produce_joined(self) -> None:
     buffers = self._tx_buffers
-    # Not over TLS: OpenSSL wants a write it refused (WANT_WRITE) retried with the same bytes.
-    if len(buffers) > 1 and self._tx_buffered_byte_count <= MAX_JOINED_BYTES and not isinstance(self, _TLS):
+    if len(buffers) > 1 and self._tx_buffered_byte_count <= MAX_JOINED_BYTES:
         joined = b"".join(buffers)
         buffers.clear()
         buffers.append(joined)
@@ -34,9 +35,10 @@ def _produce_joined(self) -> None:
 
 
 def coalesce_frame_writes() -> None:
-    """Install the joining send in pika's transports (idempotent; process-wide)."""
-    if _Transport._produce is _produce_joined:
+    """Install the joining send in pika's plaintext transport (idempotent; process-wide)."""
+    if _Plaintext._produce is _produce_joined:
         return
-    if "_tx_buffers" not in _pika_produce.__code__.co_names or not hasattr(_Transport, "_sigint_safe_send"):
+    if ("_produce" in vars(_Plaintext) or "_tx_buffers" not in _pika_produce.__code__.co_names
+            or not hasattr(_Transport, "_sigint_safe_send")):
         raise RuntimeError("pika's transport internals changed: review main_app.amqp_writes")
-    _Transport._produce = _produce_joined
+    _Plaintext._produce = _produce_joined

@@ -22,8 +22,9 @@ class ShortWriteSocket:
         return len(taken)
 
 
-def transport_with(frames: list[bytes], sock: ShortWriteSocket):
-    transport = object.__new__(io_services_utils._AsyncPlaintextTransport)
+def transport_with(frames: list[bytes], sock: ShortWriteSocket,
+                   kind: type = io_services_utils._AsyncPlaintextTransport):
+    transport = object.__new__(kind)
     transport._sock = sock
     transport._state = transport._STATE_ACTIVE
     transport._tx_buffers = collections.deque()
@@ -88,12 +89,7 @@ def test_large_buffers_are_sent_as_pika_buffered_them():
 
 def test_frames_over_tls_are_sent_as_pika_buffered_them():
     sock = ShortWriteSocket(limit=1 << 20)
-    transport = object.__new__(io_services_utils._AsyncSSLTransport)
-    transport._sock = sock
-    transport._state = transport._STATE_ACTIVE
-    transport._tx_buffers = collections.deque()
-    transport._tx_buffered_byte_count = 0
-    for frame in FRAMES:
-        transport._buffer_tx_data(frame)
-    io_services_utils._AsyncTransportBase._produce(transport)  # the send loop under pika's TLS handling
+    transport = transport_with(FRAMES, sock, io_services_utils._AsyncSSLTransport)
+    # The send loop that pika's TLS transport calls under its own error handling.
+    super(io_services_utils._AsyncSSLTransport, transport)._produce()
     assert sock.sends == FRAMES
