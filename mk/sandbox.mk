@@ -37,7 +37,7 @@ sandbox-status: ## Show which sandbox components run
 	@k8s/sandbox/sandbox.sh status
 
 .PHONY: test-cluster
-test-cluster: sandbox-up k8s-secrets ## On the sandbox: skaffold run -p ci (+verify), tilt ci, live update, jobs round trip, PodSecurity and NetworkPolicy enforcement (SANDBOX_KEEP=1 keeps it up)
+test-cluster: sandbox-up k8s-secrets ## On the sandbox: make deploy (skaffold build, deploy, verify -p ci), tilt ci, live update, jobs round trip, PodSecurity and NetworkPolicy enforcement (SANDBOX_KEEP=1 keeps it up)
 	@status=0; $(SANDBOX_ENV) $(K8S_TOOLS_BIN)/python k8s/sandbox/test_cluster.py --report-dir reports/cluster || status=$$?; \
 	  if [ "$${SANDBOX_KEEP:-}" != 1 ]; then \
 	    k8s/sandbox/sandbox.sh down && k8s/sandbox/sandbox.sh leftovers && echo "sandbox-down left nothing behind" || status=1; \

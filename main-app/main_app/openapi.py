@@ -24,7 +24,14 @@ def openapi_document(settings) -> dict[str, Any]:
     unavailable = problem("RabbitMQ or Redis is unavailable; the job was not accepted", retry_after)
     accepted = {
         "description": "Accepted: recorded in the job store and confirmed by the broker",
-        "headers": {"Location": {"description": "URL of the job", "schema": {"type": "string"}}},
+        "headers": {
+            "Location": {"description": "URL of the job", "schema": {"type": "string"}},
+            "Idempotent-Replayed": {
+                "description": "`true` when this answers a repeated Idempotency-Key with the job of the first "
+                               "request; the body then has that job's current status",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        },
         "content": {JSON: {"schema": {"$ref": "#/components/schemas/JobAccepted"}}},
     }
     submit = {
@@ -41,7 +48,9 @@ def openapi_document(settings) -> dict[str, Any]:
             "202": accepted,
             "400": problem("Malformed JSON or header"),
             "401": unauthorized,
-            "409": problem("A request with this Idempotency-Key is still in progress", retry_after),
+            "409": problem("A request with this Idempotency-Key is still in progress (with Retry-After), or the "
+                           "job of this Idempotency-Key has expired from the job store (no Retry-After)",
+                           retry_after),
             "413": problem(f"Body larger than {settings.max_body_bytes} bytes"),
             "415": problem("Content type is not JSON"),
             "422": problem("The job does not match its schema, or is nested deeper than 254 levels; "
