@@ -102,30 +102,35 @@ return redis.call('HGET', KEYS[2], 'created_at')
 
 # Start an attempt. KEYS[1] job key. ARGV: now, job ttl, then id, client, type and
 # created_at to recreate the record with if it is gone (expired, or lost with a Redis
-# restart), then '1' if this delivery is a first one. Returns the status before the call
+# restart), then '1' if this delivery is a first one, then the start's id (unique to this
+# start, the same when the call is sent again). Returns the status before the call
 # ('missing' when recreated), or 'duplicate': a first delivery of a job that is running is
 # a second copy of its message (the running copy is unacked, so the broker redelivers that
-# one if its worker dies); only a redelivery may run it again.
+# one if its worker dies); only a redelivery may run it again. A start sent again after its
+# answer was lost (a timeout, a dropped connection) finds its own id: 'running', run it.
 # (A function of the key and the arguments from position o + 1, so that one script can
 # also record another job's outcome first: _FINISH_BEGIN.)
 _BEGIN_FUNCTION = """
 local function begin(key, A, o)
   local status = redis.call('HGET', key, 'status')
   if status == 'succeeded' or status == 'failed' then return status end
-  if status == 'running' and A[o + 7] == '1' then return 'duplicate' end
+  if status == 'running' then
+    if redis.call('HGET', key, 'start_id') == A[o + 8] then return 'running' end
+    if A[o + 7] == '1' then return 'duplicate' end
+  end
   if not status then
     redis.call('HSET', key, 'id', A[o + 3], 'client', A[o + 4], 'type', A[o + 5], 'status', 'queued',
                'attempts', 0, 'created_at', A[o + 6])
     redis.call('EXPIRE', key, A[o + 2])
     status = 'missing'
   end
-  redis.call('HSET', key, 'status', 'running', 'started_at', A[o + 1])
+  redis.call('HSET', key, 'status', 'running', 'started_at', A[o + 1], 'start_id', A[o + 8])
   redis.call('HINCRBY', key, 'attempts', 1)
   return status
 end
 """
 _BEGIN = _BEGIN_FUNCTION + "return begin(KEYS[1], ARGV, 0)"
-_BEGIN_ARGS = 7
+_BEGIN_ARGS = 8
 
 # Record an outcome unless one is final already. KEYS[1] job key.
 # ARGV: status, job ttl, k (0 or 5), then k identity values (id, client, type,
@@ -158,6 +163,11 @@ _FINISH_BEGIN = (_BEGIN_FUNCTION + _FINISH_FUNCTION
                  + "return {finish(KEYS[1], ARGV, o), begin(KEYS[2], ARGV, o)}")
 
 _second: tuple[int, str] = (0, "")  # the last whole second utcnow() formatted, and its text
+
+
+def new_start_id() -> str:
+    """An id for one start of a job's attempt (JobStore.begin)."""
+    return os.urandom(8).hex()
 
 
 def utcnow() -> str:
@@ -363,15 +373,21 @@ class JobStore:
 
     # service-app
 
-    def begin(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool = True) -> str:
+    def begin(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool = True,
+              start_id: str | None = None) -> str:
         """Mark an attempt running; return the previous status (a final one, or 'duplicate' for a
-        first delivery of a running job, means: do not run)."""
+        first delivery of a running job, means: do not run). A caller that sends the call again
+        after an error must pass the same start_id both times: its start may have been recorded
+        (only its answer lost), and a first delivery would then find its own job 'running' and
+        take itself for a second copy. With the same start_id the call answers 'running': run it."""
         status = self._begin(keys=[self.job_key(job_id)],
-                             args=self._begin_args(job_id, client, job_type, created_at, redelivered))
+                             args=self._begin_args(job_id, client, job_type, created_at, redelivered, start_id))
         return status.decode()
 
-    def _begin_args(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool) -> list:
-        return [utcnow(), self.job_ttl, job_id, client, job_type, created_at, "0" if redelivered else "1"]
+    def _begin_args(self, job_id: str, client: str, job_type: str, created_at: str, redelivered: bool,
+                    start_id: str | None = None) -> list:
+        return [utcnow(), self.job_ttl, job_id, client, job_type, created_at, "0" if redelivered else "1",
+                start_id or new_start_id()]
 
     @staticmethod
     def identity(job_id: str, client: str, job_type: str, created_at: str, attempts: int = 1) -> dict[str, Any]:
@@ -391,7 +407,8 @@ class JobStore:
     def succeed_and_begin(self, job_id: str, result_json: bytes, identity: dict[str, Any] | None,
                           next_job: tuple[str, str, str, str, bool]) -> tuple[str, str]:
         """succeed(job_id, ...) then begin(*next_job), in one round trip (one script): returns what
-        each would. next_job: (id, client, type, created_at, redelivered) as begin() takes them."""
+        each would. next_job: (id, client, type, created_at, redelivered[, start_id]) as begin()
+        takes them (the same start_id when sent again)."""
         stored, previous = self._finish_begin(
             keys=[self.job_key(job_id), self.job_key(next_job[0])],
             args=[*self._finish_args("succeeded", identity, result=result_json, error="", finished_at=utcnow()),

@@ -20,6 +20,7 @@ import redis
 from jobs_contract import FINAL_STATUSES, DeadLetterReason, JobMessage, JobStore, topology
 from jobs_contract.backoff import compute_backoff
 from jobs_contract.metrics import child
+from jobs_contract.store import new_start_id
 from service_app import metrics
 from service_app.config import Settings
 from service_app.jobs import HANDLERS, JobContext
@@ -63,8 +64,9 @@ class JobRunner:
         if previous is None:
             if job.delivery_count >= self.settings.max_redeliveries:
                 return self._handle_crash_loop(job)
+            # One start id for every try: a try whose answer was lost recorded this start already.
             previous = self._call_store(self.store.begin, job.id, job.client, job.type, job.created_at,
-                                        job.redelivered)
+                                        job.redelivered, new_start_id())
         if previous in FINAL_STATUSES or previous == "duplicate":
             child(metrics.JOBS_PROCESSED, job.type, Outcome.SKIPPED).inc()
             return Settlement(SettleAction.ACK)
@@ -125,7 +127,7 @@ class JobRunner:
             nxt = following.job
             _, following.previous = self._call_store(
                 self.store.succeed_and_begin, job.id, encoded, _identity(job),
-                (nxt.id, nxt.client, nxt.type, nxt.created_at, nxt.redelivered))
+                (nxt.id, nxt.client, nxt.type, nxt.created_at, nxt.redelivered, new_start_id()))
         else:
             self._call_store(self.store.succeed, job.id, encoded, identity=_identity(job))
         self._observe_final(job, Outcome.SUCCEEDED)

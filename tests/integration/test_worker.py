@@ -408,3 +408,47 @@ def test_an_outcome_and_the_next_jobs_start_in_one_round_trip(store, redis_clien
     identity = store.identity(first.id, first.client, first.type, first.created_at)
     assert store.succeed_and_begin(first.id, b'{"n":3}', identity, nxt)[0] == "succeeded"
     assert store.get(first.id)["result"] == {"n": 3} and store.get(first.id)["client"] == first.client
+
+
+def test_a_start_sent_again_after_its_answer_was_lost_finds_itself_not_a_second_copy(store):
+    """begin() sent again with the same start id (its first answer lost) answers 'running' and
+    counts no second attempt; another start of a first delivery is still a second copy."""
+    first, second = new_job(store, "echo", {}), new_job(store, "echo", {})
+    assert store.begin(first.id, first.client, first.type, first.created_at, False, "start-1") == "queued"
+    assert store.begin(first.id, first.client, first.type, first.created_at, False, "start-1") == "running"
+    assert store.begin(first.id, first.client, first.type, first.created_at, False, "start-2") == "duplicate"
+    assert store.get(first.id)["attempts"] == 1
+    nxt = (second.id, second.client, second.type, second.created_at, False, "start-3")
+    assert store.succeed_and_begin(first.id, b"{}", None, nxt) == ("succeeded", "queued")
+    assert store.succeed_and_begin(first.id, b"{}", None, nxt) == ("succeeded", "running")
+    assert store.get(second.id)["attempts"] == 1
+    assert "start_id" not in store.get(second.id)  # not part of the job's record as the API shows it
+
+
+def test_a_job_whose_start_was_recorded_but_its_answer_lost_still_runs(store, monkeypatch):
+    """The worker sends begin() again when Redis does not answer (a timeout after the script ran):
+    the job must run and reach its outcome, not be acked as a second copy of itself and stay
+    'running' forever."""
+    import redis
+
+    from service_app.config import Settings
+    from service_app.settlement import SettleAction
+    from service_app.worker import Worker
+
+    worker = Worker(Settings.from_env(), store)
+    real_begin = store.begin
+    answers = []
+
+    def begin_whose_first_answer_is_lost(*args):
+        answers.append(real_begin(*args))
+        if len(answers) == 1:
+            raise redis.TimeoutError("Timeout reading from socket")
+        return answers[-1]
+
+    monkeypatch.setattr(store, "begin", begin_whose_first_answer_is_lost)
+    job = new_job(store, "echo", {"n": 7})
+    settle = worker.runner.perform(job)
+    assert answers == ["queued", "running"]
+    assert settle.action == SettleAction.ACK
+    record = store.get(job.id)
+    assert record["status"] == "succeeded" and record["result"] == {"n": 7} and record["attempts"] == 1
