@@ -15,13 +15,20 @@ class _Watchdog:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        # Job threads take the lock itself (a C lock), never through the Condition: the watchdog
+        # raises into a job thread while holding it, and a job thread blocked in disarm() gets
+        # that exception as soon as it holds the lock. `with` on a C lock can only take it inside
+        # its block, where leaving releases it; Condition.__enter__ is Python code, and the
+        # exception raised there, after the lock was taken, would leave it held for good (every
+        # later arm() and the watchdog itself would then wait forever).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._deadlines: dict[int, float] = {}  # job thread id -> monotonic deadline
         self._thread: threading.Thread | None = None
 
     def arm(self, thread_id: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             earliest = min(self._deadlines.values(), default=None)
             self._deadlines[thread_id] = deadline
             if self._thread is None:
@@ -31,8 +38,9 @@ class _Watchdog:
                 self._cond.notify()
 
     def disarm(self, thread_id: int) -> None:
-        """After this returns, no timeout is raised in that thread for its current job."""
-        with self._cond:
+        """After this returns, no timeout is raised in that thread for its current job (one the
+        watchdog raised meanwhile is raised in here instead)."""
+        with self._lock:
             self._deadlines.pop(thread_id, None)
 
     def _run(self) -> None:
