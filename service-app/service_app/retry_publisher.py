@@ -60,9 +60,16 @@ class RetryPublisher:
         finally:
             self._lock.release()
 
-    def close(self) -> None:
-        with self._lock:
+    def close(self, wait_seconds: float = 1.0) -> None:
+        """Close the connection, unless a job thread is still publishing on it after wait_seconds
+        (it may wait up to the blocked timeout during an alarm): then leave it to the process's
+        exit, so that shutdown stays within its grace period."""
+        if not self._lock.acquire(timeout=wait_seconds):
+            return
+        try:
             self._close()
+        finally:
+            self._lock.release()
 
     def _open_channel(self):
         if self._channel is None or not self._channel.is_open:
