@@ -155,7 +155,7 @@ _FINISH = _FINISH_FUNCTION + "return finish(KEYS[1], ARGV, #ARGV)"
 
 # One job's outcome, then the start of the next job a worker thread runs: one round trip
 # instead of two, as atomic as each alone. KEYS[1] the finished job's key, KEYS[2] the next
-# one's. ARGV: the arguments of _FINISH, then the 7 of _BEGIN (an outcome's arguments come
+# one's. ARGV: the arguments of _FINISH, then the 8 of _BEGIN (an outcome's arguments come
 # first in both scripts: tests/chaos watches for them). Returns {finish's answer, begin's
 # answer}. The outcome goes first: a second copy of the same job sees it.
 _FINISH_BEGIN = (_BEGIN_FUNCTION + _FINISH_FUNCTION
@@ -405,7 +405,7 @@ class JobStore:
         return self._finish_with("retrying", job_id, identity, error=error)
 
     def succeed_and_begin(self, job_id: str, result_json: bytes, identity: dict[str, Any] | None,
-                          next_job: tuple[str, str, str, str, bool]) -> tuple[str, str]:
+                          next_job: tuple[Any, ...]) -> tuple[str, str]:
         """succeed(job_id, ...) then begin(*next_job), in one round trip (one script): returns what
         each would. next_job: (id, client, type, created_at, redelivered[, start_id]) as begin()
         takes them (the same start_id when sent again)."""

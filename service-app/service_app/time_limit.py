@@ -68,8 +68,8 @@ def call_with_time_limit(handler: Handler, payload: dict, ctx: JobContext, timeo
     so a handler blocked in one long C call is interrupted when that call returns.
     """
     thread_id = threading.get_ident()
-    _watchdog.arm(thread_id, timeout)
     try:
+        _watchdog.arm(thread_id, timeout)  # in the try: a very short timeout can expire as arm() returns
         try:
             return handler(payload, ctx)
         finally:
