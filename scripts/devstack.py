@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
 
 def banner(args: argparse.Namespace) -> int:
     try:
-        wait_http(f"{API}/readyz", 120, interval=0.5)
+        # Ready ten times in a row, on fresh connections: each gunicorn worker has its own broker
+        # connection, and one answer says nothing of the other worker.
+        wait_http(f"{API}/readyz", 120, streak=10, interval=0.1)
     except TimeoutError:
         print("main-app did not become ready within 120s; see the logs above", flush=True)
     token = os.environ["API_TOKENS"].split(",")[0]

@@ -89,7 +89,8 @@ class Publisher:
         self._stall_seconds = stall_seconds
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        self._connected_once = False
+        self._connected_once = False  # during the current connection's life
+        self._ever_connected = False
         self._thread = threading.Thread(target=self._run, name="rabbitmq-publisher", daemon=True)
 
     def start(self) -> "Publisher":
@@ -176,7 +177,7 @@ class Publisher:
                 failures = 0
                 self._connected_once = False
             failures += 1
-            self._stopping.wait(reconnect_delay(failures))
+            self._stopping.wait(reconnect_delay(failures, connected_before=self._ever_connected))
 
     def _declare(self) -> None:
         connection = pika.BlockingConnection(self._parameters)
@@ -225,6 +226,7 @@ class Publisher:
     def _on_confirm_mode(self, _frame) -> None:
         self._delivery_tag = 0
         self._connected_once = True
+        self._ever_connected = True
         self._publish_outbox()
         self._drain_periodically(self._connection)
         self._ready.set()

@@ -53,6 +53,7 @@ class Worker:
         self.stopping = threading.Event()
         self.abandon = threading.Event()
         self.connected = threading.Event()
+        self._ever_connected = False
         self._store_checked_at = 0.0
         self._connection: pika.BlockingConnection | None = None
         self.retries = RetryPublisher(settings.rabbitmq_url)
@@ -93,7 +94,7 @@ class Worker:
                 if self.stopping.is_set():
                     break
                 failures += 1
-                delay = reconnect_delay(failures)
+                delay = reconnect_delay(failures, connected_before=self._ever_connected)
                 log.warning("RabbitMQ connection lost (%s); reconnecting in %.1fs", exc or type(exc).__name__, delay)
                 self._close_quietly()
                 self._wait(delay)
@@ -113,6 +114,7 @@ class Worker:
         channel.add_on_cancel_callback(lambda _frame: cancelled.set())
         channel.basic_consume(topology.QUEUE, on_message_callback=partial(self._on_message, generation))
         self.connected.set()
+        self._ever_connected = True
         log.info("consuming from %r (concurrency %d, prefetch %d)", topology.QUEUE, self.settings.concurrency,
                  self.settings.prefetch)
         while not self.stopping.is_set():

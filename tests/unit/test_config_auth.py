@@ -100,6 +100,13 @@ def test_reconnect_delay_doubles_from_a_quarter_second_to_ten_and_never_overflow
         assert all(full / 2 <= d <= full for d in delays), failures
 
 
+def test_a_process_that_never_connected_retries_at_least_every_second():
+    """A broker still starting: the apps connect within about a second of it being up."""
+    for failures, full in [(1, 0.5), (2, 1.0), (6, 1.0), (100_000, 1.0)]:
+        delays = [reconnect_delay(failures, connected_before=False) for _ in range(200)]
+        assert all(full / 2 <= d <= full for d in delays), failures
+
+
 def test_service_app_ignores_an_inherited_multiprocess_metrics_dir(tmp_path):
     """main-app's PROMETHEUS_MULTIPROC_DIR leaking into a worker (shared env file or
     ConfigMap) must not switch the worker to multiprocess files main-app wipes."""
