@@ -30,6 +30,9 @@ KEDA_CHART_VERSION ?= 2.20.2
 PROFILE ?= ci
 # Docker Hub namespace (or any registry prefix) for remote clusters, e.g. docker.io/alice.
 IMAGE_REPO ?=
+# A tag the images workflow pushed to IMAGE_REPO (1.2.3, sha-<sha>, latest): `make deploy`
+# then deploys those images as they are instead of building.
+RELEASE ?=
 
 # $(call require-tool,NAME,HOW TO INSTALL)
 define require-tool
@@ -137,16 +140,25 @@ dev: k8s-secrets ## Run the system on the local cluster with live reload (tilt u
 # built by another process loads them into kind only with --load-images=true.
 SKAFFOLD_REPO_FLAG = $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO))
 K8S_BUILD_OUTPUT := $(K8S_REPORTS)/build.json
+RELEASE_IMAGES = $(foreach app,main-app service-app,--images $(app)=$(IMAGE_REPO)/$(app):$(RELEASE))
 
 .PHONY: deploy
-deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>)
+deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>; RELEASE=<tag>: deploy pushed images, no build)
+ifneq ($(RELEASE),)
+	@test -n "$(IMAGE_REPO)" || { echo "error: RELEASE=$(RELEASE) needs IMAGE_REPO, the registry it was pushed to (e.g. IMAGE_REPO=docker.io/<namespace>)" >&2; exit 2; }
+endif
 	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
-	$(call require-tool,docker,$(DOCKER_HINT))
 	$(call require-tool,kubectl,$(KUBECTL_HINT))
+ifeq ($(RELEASE),)
+	$(call require-tool,docker,$(DOCKER_HINT))
 	@mkdir -p $(K8S_REPORTS)
 	skaffold build -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --file-output $(K8S_BUILD_OUTPUT)
 	skaffold deploy -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT) --load-images=true
 	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT))
+else
+	skaffold deploy -p $(PROFILE) $(RELEASE_IMAGES)
+	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(RELEASE_IMAGES))
+endif
 
 .PHONY: undeploy
 undeploy: ## Delete what `make deploy` created (PROFILE=...); keeps namespace jobs and so its PVCs and Secrets made outside the repo

@@ -138,11 +138,12 @@ def test_sandbox_base_image_is_the_dockerfiles_build_arg():
 def skaffold_render(skaffold_bin, tool_env, tmp_path_factory, rendered):
     out_dir = tmp_path_factory.mktemp("skaffold-render")
 
-    def do(profile=None, context=KIND_CONTEXT, skaffold_global=None):
+    def do(profile=None, context=KIND_CONTEXT, skaffold_global=None, extra=()):
         env = tool_env(context, skaffold_global)
         out = out_dir / f"{profile}-{context}-{len(list(out_dir.iterdir()))}.yaml"
         cmd = [skaffold_bin, "render", "--offline=true", "--digest-source=tag", "-o", str(out)]
         cmd += ["-p", profile] if profile else []
+        cmd += list(extra)
         proc = run(cmd, env, timeout=180)
         assert proc.returncode == 0 and out.exists(), (
             f"{shlex.join(cmd)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -236,6 +237,30 @@ def test_make_deploy_passes_only_real_flags(skaffold_flags, diagnose, profile):
     for argv in calls:
         assert argv[argv.index("-p") + 1] == profile
         assert argv[argv.index("--default-repo") + 1] == "registry.example.com/jobs"
+
+
+@pytest.mark.parametrize("profile", ("ci", "prod"))
+def test_make_deploy_of_a_release_deploys_the_pushed_images_without_building(skaffold_flags, skaffold_render,
+                                                                             profile):
+    lines = make_dry_run("deploy", PROFILE=profile, IMAGE_REPO="docker.io/alice", RELEASE="1.2.3")
+    calls = [shlex.split(line) for line in lines if line.startswith("skaffold ")]
+    assert [argv[1] for argv in calls][:1] == ["deploy"] and "build" not in [argv[1] for argv in calls]
+    for argv in calls:
+        for arg in argv[2:]:
+            if arg.startswith("--"):
+                assert arg.split("=", 1)[0] in skaffold_flags(argv[1]), f"`skaffold {argv[1]}` has no {arg}"
+    deploy = calls[0]
+    pairs = [deploy[i + 1] for i, arg in enumerate(deploy) if arg == "--images"]
+    assert pairs == [f"{app}=docker.io/alice/{app}:1.2.3" for app in APPS]
+    # The same flags put exactly those images into what Skaffold deploys.
+    docs = skaffold_render(profile, extra=[arg for pair in pairs for arg in ("--images", pair)])
+    assert {app: images(docs)[app] for app in APPS} == {app: f"docker.io/alice/{app}:1.2.3" for app in APPS}
+
+
+def test_make_deploy_of_a_release_needs_the_registry():
+    proc = subprocess.run(["make", "deploy", "PROFILE=prod", "RELEASE=1.2.3", "IMAGE_REPO="], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "needs IMAGE_REPO" in proc.stderr, proc.stderr
 
 
 def test_make_undeploy_does_not_use_skaffold_delete():
