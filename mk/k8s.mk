@@ -140,12 +140,14 @@ dev: k8s-secrets ## Run the system on the local cluster with live reload (tilt u
 # built by another process loads them into kind only with --load-images=true.
 SKAFFOLD_REPO_FLAG = $(if $(IMAGE_REPO),--default-repo $(IMAGE_REPO))
 K8S_BUILD_OUTPUT := $(K8S_REPORTS)/build.json
-RELEASE_IMAGES = $(foreach app,main-app service-app,--images $(app)=$(IMAGE_REPO)/$(app):$(RELEASE))
+# `make deploy RELEASE=...` hands Skaffold the pushed images as a build-artifacts file, as if
+# built (`skaffold verify` has no --images).
+RELEASE_ARTIFACTS := $(K8S_REPORTS)/release.json
 
 .PHONY: deploy
 deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>; RELEASE=<tag>: deploy pushed images, no build)
 ifneq ($(RELEASE),)
-	@test -n "$(IMAGE_REPO)" || { echo "error: RELEASE=$(RELEASE) needs IMAGE_REPO, the registry it was pushed to (e.g. IMAGE_REPO=docker.io/<namespace>)" >&2; exit 2; }
+	@$(MAKE) release-artifacts
 endif
 	$(call require-tool,skaffold,$(SKAFFOLD_HINT))
 	$(call require-tool,kubectl,$(KUBECTL_HINT))
@@ -156,9 +158,16 @@ ifeq ($(RELEASE),)
 	skaffold deploy -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT) --load-images=true
 	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT))
 else
-	skaffold deploy -p $(PROFILE) $(RELEASE_IMAGES)
-	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(RELEASE_IMAGES))
+	skaffold deploy -p $(PROFILE) --build-artifacts $(RELEASE_ARTIFACTS)
+	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) --build-artifacts $(RELEASE_ARTIFACTS))
 endif
+
+.PHONY: release-artifacts
+release-artifacts: ## (for make deploy RELEASE=...) write reports/k8s/release.json: IMAGE_REPO's images tagged RELEASE
+	@test -n "$(RELEASE)" -a -n "$(IMAGE_REPO)" || { echo "error: RELEASE=<tag> needs IMAGE_REPO, the registry it was pushed to (e.g. IMAGE_REPO=docker.io/<namespace>)" >&2; exit 2; }
+	@mkdir -p $(K8S_REPORTS)
+	@printf '{"builds": [{"imageName": "main-app", "tag": "%s"}, {"imageName": "service-app", "tag": "%s"}]}\n' \
+	  "$(IMAGE_REPO)/main-app:$(RELEASE)" "$(IMAGE_REPO)/service-app:$(RELEASE)" > $(RELEASE_ARTIFACTS)
 
 .PHONY: undeploy
 undeploy: ## Delete what `make deploy` created (PROFILE=...); keeps namespace jobs and so its PVCs and Secrets made outside the repo

@@ -241,19 +241,25 @@ def test_make_deploy_passes_only_real_flags(skaffold_flags, diagnose, profile):
 
 @pytest.mark.parametrize("profile", ("ci", "prod"))
 def test_make_deploy_of_a_release_deploys_the_pushed_images_without_building(skaffold_flags, skaffold_render,
-                                                                             profile):
+                                                                             diagnose, profile):
     lines = make_dry_run("deploy", PROFILE=profile, IMAGE_REPO="docker.io/alice", RELEASE="1.2.3")
     calls = [shlex.split(line) for line in lines if line.startswith("skaffold ")]
-    assert [argv[1] for argv in calls][:1] == ["deploy"] and "build" not in [argv[1] for argv in calls]
+    subs = [argv[1] for argv in calls]
+    assert subs[:1] == ["deploy"] and "build" not in subs, subs
+    assert ("verify" in subs) == bool(diagnose(profile)[0].get("verify"))
     for argv in calls:
         for arg in argv[2:]:
             if arg.startswith("--"):
                 assert arg.split("=", 1)[0] in skaffold_flags(argv[1]), f"`skaffold {argv[1]}` has no {arg}"
-    deploy = calls[0]
-    pairs = [deploy[i + 1] for i, arg in enumerate(deploy) if arg == "--images"]
-    assert pairs == [f"{app}=docker.io/alice/{app}:1.2.3" for app in APPS]
-    # The same flags put exactly those images into what Skaffold deploys.
-    docs = skaffold_render(profile, extra=[arg for pair in pairs for arg in ("--images", pair)])
+        assert argv[argv.index("--build-artifacts") + 1] == "reports/k8s/release.json"
+    # The file names exactly the pushed images, and Skaffold puts them into what it deploys.
+    proc = subprocess.run(["make", "release-artifacts", "IMAGE_REPO=docker.io/alice", "RELEASE=1.2.3"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    artifacts = ROOT / "reports" / "k8s" / "release.json"
+    assert json.loads(artifacts.read_text()) == {
+        "builds": [{"imageName": app, "tag": f"docker.io/alice/{app}:1.2.3"} for app in APPS]}
+    docs = skaffold_render(profile, extra=["--build-artifacts", str(artifacts)])
     assert {app: images(docs)[app] for app in APPS} == {app: f"docker.io/alice/{app}:1.2.3" for app in APPS}
 
 
