@@ -17,21 +17,29 @@ def _busy(seconds: float) -> None:
         time.sleep(0.01)
 
 
+def _start(body, outcome: list, done: str) -> threading.Thread:
+    """body() in a thread of its own; then `done` goes into outcome, or "timed out" if JobTimeout reached it."""
+    def run() -> None:
+        try:
+            body()
+            outcome.append(done)
+        except JobTimeout:
+            outcome.append("timed out")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 def _run_job(watchdog: _Watchdog, timeout: float, seconds: float, outcome: list) -> threading.Thread:
     def job() -> None:
         watchdog.arm(threading.get_ident(), timeout)
         try:
-            try:
-                _busy(seconds)
-            finally:
-                watchdog.disarm(threading.get_ident())
-            outcome.append("finished")
-        except JobTimeout:
-            outcome.append("timed out")
+            _busy(seconds)
+        finally:
+            watchdog.disarm(threading.get_ident())
 
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    return thread
+    return _start(job, outcome, "finished")
 
 
 def test_a_job_past_its_deadline_gets_job_timeout_and_one_within_it_does_not():
@@ -47,16 +55,9 @@ def test_a_timeout_that_reaches_a_job_thread_waiting_in_disarm_leaves_the_watchd
     watchdog = _Watchdog()
     outcome: list[str] = []
 
-    def returning_job() -> None:
-        try:
-            watchdog.disarm(threading.get_ident())
-            outcome.append("disarmed")
-        except JobTimeout:
-            outcome.append("timed out")
-
-    thread = threading.Thread(target=returning_job, daemon=True)
     with watchdog._cond:  # what the watchdog's thread holds while it raises
-        thread.start()
+        # A job that has returned: its thread now waits for the lock in disarm().
+        thread = _start(lambda: watchdog.disarm(threading.get_ident()), outcome, "disarmed")
         time.sleep(0.2)  # the job thread is now waiting for the lock in disarm()
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(JobTimeout))
     thread.join(5)
