@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
-import requests
 
 from jobs_devtools import devstack
+from jobs_devtools.stack import wait_http
 
 
 def _in_use(port: int) -> bool:
@@ -29,16 +28,8 @@ def test_the_local_stack_starts_ready_and_ctrl_c_stops_every_process_gracefully(
                              "--run-dir", str(tmp_path / "run")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, "the stack exited before it was ready"
-            try:
-                if requests.get(f"{devstack.API}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "the stack was not ready within 120 s"
-            time.sleep(0.5)
+        wait_http(f"{devstack.API}/readyz", 120, interval=0.5)
+        assert proc.poll() is None, "the stack exited"
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         output, _ = proc.communicate(timeout=devstack.STOP_GRACE_SECONDS + 30)
     finally:
