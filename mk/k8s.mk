@@ -143,6 +143,8 @@ K8S_BUILD_OUTPUT := $(K8S_REPORTS)/build.json
 # `make deploy RELEASE=...` hands Skaffold the pushed images as a build-artifacts file, as if
 # built (`skaffold verify` has no --images).
 RELEASE_ARTIFACTS := $(K8S_REPORTS)/release.json
+# What `skaffold verify` is told about the images just deployed: built here, or pushed ones.
+DEPLOYED_FLAGS = $(if $(RELEASE),--build-artifacts $(RELEASE_ARTIFACTS),$(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT))
 
 .PHONY: deploy
 deploy: k8s-secrets ## Build, deploy and smoke-test with Skaffold (PROFILE=ci|dev|prod, IMAGE_REPO=docker.io/<namespace>; RELEASE=<tag>: deploy pushed images, no build)
@@ -156,11 +158,10 @@ ifeq ($(RELEASE),)
 	@mkdir -p $(K8S_REPORTS)
 	skaffold build -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --file-output $(K8S_BUILD_OUTPUT)
 	skaffold deploy -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT) --load-images=true
-	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(SKAFFOLD_REPO_FLAG) --build-artifacts $(K8S_BUILD_OUTPUT))
 else
 	skaffold deploy -p $(PROFILE) --build-artifacts $(RELEASE_ARTIFACTS)
-	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) --build-artifacts $(RELEASE_ARTIFACTS))
 endif
+	$(if $(filter prod,$(PROFILE)),@echo "profile prod declares no smoke test (skaffold.yaml)",skaffold verify -p $(PROFILE) $(DEPLOYED_FLAGS))
 
 .PHONY: release-artifacts
 release-artifacts: ## (for make deploy RELEASE=...) write reports/k8s/release.json: IMAGE_REPO's images tagged RELEASE
