@@ -105,8 +105,10 @@ def main() -> int:
                             worker.stop()
                         results[name].append(r["e2e_p99_ms"])
                         submit_p99[name].append(r["submit_p99_ms"])
+                        cpu[name].append(r["api_cpu_us_per_req"])
                         bench.log(f"{name}: e2e p50 {r['e2e_p50_ms']:.1f} ms p99 {r['e2e_p99_ms']:.1f} ms, submit p99 "
-                                  f"{r['submit_p99_ms']:.1f} ms, not succeeded {r['not_succeeded']} "
+                                  f"{r['submit_p99_ms']:.1f} ms, API cpu {r['api_cpu_us_per_req']:.0f} us/req, "
+                                  f"not succeeded {r['not_succeeded']} "
                                   f"load {os.getloadavg()[0]:.1f}")
                     elif name == "B" and args.peer_b:
                         peer = bench.PEER_WORKERS[args.peer_b]
@@ -132,7 +134,9 @@ def main() -> int:
     if args.what == "e2e":
         for name, ref, env in (("A", args.ref, args.env_a), ("B", args.ref_b, args.env_b)):
             print(f"{name} ({ref} {env}): e2e p99 median {statistics.median(results[name]):.1f} ms {results[name]}, "
-                  f"submit p99 median {statistics.median(submit_p99[name]):.1f} ms")
+                  f"submit p99 median {statistics.median(submit_p99[name]):.1f} ms, "
+                  f"API CPU {statistics.median(cpu[name]):.0f} us/req")
+        print(f"B/A API CPU per request: {statistics.median(cpu['B']) / statistics.median(cpu['A']):.2f}")
         return 0
     a, b = statistics.median(results["A"]), statistics.median(results["B"])
     ratios = [rb / ra for ra, rb in zip(results["A"], results["B"], strict=True)]

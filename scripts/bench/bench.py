@@ -585,7 +585,10 @@ def parse_time(value: bytes | None) -> float | None:
 
 
 def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dict[str, Any]:
+    api_pids = server_pids(api)
+    api_cpu = cpu_seconds(api_pids)
     results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
+    api_cpu = cpu_seconds(api_pids) - api_cpu
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:
     # GET /jobs/<id> answers from this very record, so that is when success became visible.
@@ -613,6 +616,7 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dic
     e2e = segments["e2e"]
     submit = [r[3] * 1000 for r in accepted]
     return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
+            "api_cpu_us_per_req": api_cpu / len(results) * 1e6 if results else None,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
             **{f"{name}_p{q}_ms": percentile(segments[name], q) for name in ("to_created", "to_started", "to_finished")
@@ -792,6 +796,7 @@ class Bench:
             "e2e_p50_ms": summary([r["e2e_p50_ms"] for r in runs["e2e"]]),
             "e2e_p99_ms": summary([r["e2e_p99_ms"] for r in runs["e2e"]]),
             "e2e_submit_p99_ms": summary([r["submit_p99_ms"] for r in runs["e2e"]]),
+            "e2e_api_cpu_us_per_req": summary([r["api_cpu_us_per_req"] for r in runs["e2e"]]),
             **{f"e2e_{name}_p{q}_ms": summary([r.get(f"{name}_p{q}_ms") for r in runs["e2e"]])
                for name in ("to_created", "to_started", "to_finished") for q in (50, 99)},
             "e2e_not_succeeded": sum(r["not_succeeded"] for r in runs["e2e"]),
@@ -891,7 +896,8 @@ def table(r: dict[str, Any]) -> str:
         (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
-         f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms"),
+         f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms; "
+         f"API CPU {fmt(r['e2e_api_cpu_us_per_req'])} µs/request"),
         ("end to end, where the time goes (p50 / p99)",
          f"{fmt(r['e2e_to_created_p50_ms'], 1)} / {fmt(r['e2e_to_created_p99_ms'], 1)} ms to `created_at`",
          f"then {fmt(r['e2e_to_started_p50_ms'], 1)} / {fmt(r['e2e_to_started_p99_ms'], 1)} ms to `started_at` "
