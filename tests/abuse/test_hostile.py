@@ -168,13 +168,17 @@ def test_bad_json_is_4xx(api, body):
     assert 400 <= status < 500, response[:400]
 
 
-@pytest.mark.parametrize("content_type", [
-    b"application/json; charset=latin-1", b"multipart/form-data; boundary=x", b"application/json, text/plain",
-    b"application/jsonx", b"\xff\xfe", b"application/" + b"x" * 4000 + b"+json",
+@pytest.mark.parametrize(("content_type", "expected"), [
+    (b"application/json; charset=latin-1", {202}),  # JSON; the ASCII body reads the same either way
+    (b"application/" + b"x" * 4000 + b"+json", {202}),  # a +json suffix is JSON
+    (b"multipart/form-data; boundary=x", {415}),
+    (b"application/json, text/plain", {415}),
+    (b"application/jsonx", {415}),
+    (b"\xff\xfe", {400, 415}),  # gunicorn may refuse the bytes before the app sees them
 ])
-def test_odd_content_types_are_4xx(api, content_type):
+def test_odd_content_types_are_json_or_refused(api, content_type, expected):
     status, response = post_raw(api, b'{"type": "echo"}', content_type=content_type)
-    assert status in (202, 400, 415), response[:300]  # a +json suffix is JSON; the rest are refused
+    assert status in expected, response[:300]
 
 
 # --- headers ---------------------------------------------------------------------------------

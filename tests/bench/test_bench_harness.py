@@ -1,6 +1,6 @@
 """The bench harness's own logic, without services: wrk output parsing, statistics, the peers'
 summary, the `bench:` line and the peer workers' settings.
-Run by `make bench-smoke` (not part of `make test`)."""
+Run by `make test` (pytest.ini's testpaths) and again by `make bench-smoke`."""
 
 import pytest
 

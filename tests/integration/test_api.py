@@ -118,6 +118,7 @@ def test_unknown_or_malformed_ids_are_404(client, openapi, job_id):
     response = client.get(f"/jobs/{job_id}", headers=AUTH)
     assert response.status_code == 404
     assert response.mimetype == "application/problem+json"
+    openapi.check("/jobs/{id}", "get", response)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0123456789"},

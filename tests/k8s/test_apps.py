@@ -55,17 +55,16 @@ def declared_env(app: str) -> dict[str, object]:
     return json.loads(proc.stdout)
 
 
-def env_reads(app: str) -> dict[str, bool]:
-    """{NAME: has_default} for every environment variable the app reads (every declared field
-    has its default in the code)."""
-    return dict.fromkeys(declared_env(app), True)
+def env_reads(app: str) -> set[str]:
+    """Every environment variable the app reads."""
+    return set(declared_env(app))
 
 
 def test_declared_env_finds_the_config():
     reads = env_reads("main-app")
     assert {"RABBITMQ_URL", "REDIS_URL", "HTTP_PORT", "METRICS_PORT", "JOB_MAX_SLEEP_SECONDS"} <= set(reads)
-    assert {"RABBITMQ_URL", "WORKER_CONCURRENCY", "SHUTDOWN_GRACE_SECONDS"} <= set(env_reads("service-app"))
-    assert {"API_TOKENS", "API_TOKENS_FILE", "PROMETHEUS_MULTIPROC_DIR", "LOG_LEVEL"} <= set(reads)
+    assert {"RABBITMQ_URL", "WORKER_CONCURRENCY", "SHUTDOWN_GRACE_SECONDS"} <= env_reads("service-app")
+    assert {"API_TOKENS", "API_TOKENS_FILE", "PROMETHEUS_MULTIPROC_DIR", "LOG_LEVEL"} <= reads
 
 
 def container_env(docs, app: str) -> dict[str, str]:
@@ -99,8 +98,7 @@ def container_env(docs, app: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("app", list(APP_CONFIG))
 @pytest.mark.parametrize("overlay", ["dev", "ci", "prod"])
-def test_every_env_var_read_is_set_or_defaulted_and_every_set_var_is_read(rendered, overlay, app):
-    reads = env_reads(app)
+def test_every_env_var_set_is_read(rendered, overlay, app):
     docs = rendered[overlay]
     dep = find(docs, "Deployment", app)
     (container,) = pod_spec(dep)["containers"]
@@ -108,17 +106,51 @@ def test_every_env_var_read_is_set_or_defaulted_and_every_set_var_is_read(render
     for src in container.get("envFrom", []):
         if "configMapRef" in src:
             names |= set(find(docs, "ConfigMap", src["configMapRef"]["name"])["data"])
-    missing = [n for n, has_default in reads.items() if not has_default and n not in names]
-    assert not missing, f"{app} needs {missing} but {overlay} does not set them"
-    unused = sorted(names - set(reads))
+    unused = sorted(names - env_reads(app))
     assert not unused, f"{overlay} sets {unused} on {app}, which never reads them (typo or dead config)"
+
+
+def pod_environment(docs, app: str, files: Path) -> dict[str, str]:
+    """The container's environment, with every mounted Secret's keys written under `files` and
+    the variables that point into those mounts pointed there instead."""
+    env = container_env(docs, app)
+    spec = pod_spec(find(docs, "Deployment", app))
+    (container,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if not secret:
+            continue
+        obj = find(docs, "Secret", secret["secretName"])
+        data = {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} | obj.get("stringData", {})
+        local = files / mount["name"]
+        local.mkdir(parents=True)
+        for key, value in data.items():
+            (local / key).write_text(value)
+        env = {k: v.replace(mount["mountPath"], str(local), 1) if v.startswith(mount["mountPath"]) else v
+               for k, v in env.items()}
+    return env
+
+
+@pytest.mark.parametrize("app", list(APP_CONFIG))
+@pytest.mark.parametrize("overlay", ["dev", "ci"])  # prod's Secrets are created outside the manifests
+def test_the_apps_accept_the_environment_each_overlay_gives_them(rendered, overlay, app, tmp_path):
+    """The checks each app runs on its settings at start (main-app refuses to run without API
+    tokens, service-app a prefetch below its concurrency, ...) pass with what the overlay sets,
+    the mounted token file included."""
+    env = pod_environment(rendered[overlay], app, tmp_path)
+    classes = {"main-app": ("Settings", "ServerSettings"), "service-app": ("Settings",)}[app]
+    code = f"import {APP_CONFIG[app]} as config; " + "; ".join(f"config.{c}.from_env()" for c in classes)
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={"PATH": os.environ["PATH"], **env})
+    assert proc.returncode == 0, f"{app} refuses {overlay}'s environment:\n{proc.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("overlay", ["dev", "ci"])
 def test_shared_settings_agree(rendered, overlay):
     docs = rendered[overlay]
     main, worker = container_env(docs, "main-app"), container_env(docs, "service-app")
-    both = set(env_reads("main-app")) & set(env_reads("service-app"))
+    both = env_reads("main-app") & env_reads("service-app")
     # Each app connects as its own least-privilege RabbitMQ user, to the same broker.
     per_app = {"METRICS_HOST", "METRICS_PORT", "RABBITMQ_URL"}
     assert main["RABBITMQ_URL"].split("@")[1] == worker["RABBITMQ_URL"].split("@")[1]
