@@ -220,6 +220,17 @@ def test_pdbs_select_pods(rendered, variant):
 
 
 @pytest.mark.parametrize("variant", ALL)
+def test_unready_app_pods_can_be_evicted_but_not_unready_broker_nodes(rendered, variant):
+    """The apps' pods turn unready together when a backend is down: their PDBs must still let a
+    drain evict them. RabbitMQ's must not: an unready node there may be one a quorum needs."""
+    docs = rendered[variant]
+    for app in ("main-app", "service-app"):
+        assert find(docs, "PodDisruptionBudget", app)["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
+    rabbit = find(docs, "PodDisruptionBudget", "rabbitmq")["spec"]
+    assert rabbit.get("unhealthyPodEvictionPolicy", "IfHealthyBudget") == "IfHealthyBudget"
+
+
+@pytest.mark.parametrize("variant", ALL)
 def test_network_policies_default_deny_and_cover_ports(rendered, variant):
     docs = rendered[variant]
     pols = [o for o in docs if o["kind"] == "NetworkPolicy"]
