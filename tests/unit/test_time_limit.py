@@ -2,6 +2,8 @@
 once its deadline has passed (service_app.time_limit)."""
 
 import ctypes
+import inspect
+import sys
 import threading
 import time
 
@@ -42,6 +44,28 @@ def _run_job(watchdog: _Watchdog, timeout: float, seconds: float, outcome: list)
     return _start(job, outcome, "finished")
 
 
+def _wait_until_blocked_taking_the_lock_in_disarm(thread: threading.Thread) -> None:
+    """Until the thread's frame has stayed on disarm()'s `with self...` (the lock) for longer than the
+    interpreter's switch interval: it is blocked in the lock's acquire, not just passing by."""
+    lines, first = inspect.getsourcelines(_Watchdog.disarm)
+    lock_line = first + next(i for i, text in enumerate(lines) if text.strip().startswith("with self."))
+
+    def at_the_lock() -> bool:
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code.co_name != "disarm":  # e.g. inside Condition.__enter__
+            frame = frame.f_back
+        return frame is not None and frame.f_lineno == lock_line
+
+    deadline = time.monotonic() + 5
+    while True:
+        if at_the_lock():
+            time.sleep(10 * sys.getswitchinterval())
+            if at_the_lock():
+                return
+        assert time.monotonic() < deadline, "the job thread never blocked on the watchdog's lock"
+        time.sleep(0.005)
+
+
 def test_a_job_past_its_deadline_gets_job_timeout_and_one_within_it_does_not():
     with pytest.raises(JobTimeout, match="timed out after 0.2s"):
         call_with_time_limit(lambda payload, ctx: _busy(5), {}, None, 0.2)
@@ -58,7 +82,7 @@ def test_a_timeout_that_reaches_a_job_thread_waiting_in_disarm_leaves_the_watchd
     with watchdog._cond:  # what the watchdog's thread holds while it raises
         # A job that has returned: its thread now waits for the lock in disarm().
         thread = _start(lambda: watchdog.disarm(threading.get_ident()), outcome, "disarmed")
-        time.sleep(0.2)  # the job thread is now waiting for the lock in disarm()
+        _wait_until_blocked_taking_the_lock_in_disarm(thread)
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(JobTimeout))
     thread.join(5)
     assert outcome == ["timed out"]
