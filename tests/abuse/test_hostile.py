@@ -265,7 +265,10 @@ def test_limits_are_configurable(limited):
     assert post_raw(limited, json.dumps({"type": "echo", "payload": {"s": "x" * 1100}}).encode())[0] == 413
     # The published document states the same limits.
     document = requests.get(f"{limited.url}/openapi.json", timeout=5).json()
-    assert "5" in json.dumps(document["components"]["schemas"]["JobRequest"])
+    payloads = {variant["title"]: variant["properties"]["payload"]
+                for variant in document["components"]["schemas"]["JobRequest"]["oneOf"]}
+    for job_type, name, ok, _ in cases:
+        assert payloads[job_type]["properties"][name]["maximum"] == ok, (job_type, payloads[job_type])
 
 
 # --- auth ------------------------------------------------------------------------------------

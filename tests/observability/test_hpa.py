@@ -35,11 +35,14 @@ def test_rounds_up():
     assert hpa.replicas_for_metric(3, 0.13, AVG) == 4  # ceil(3.9)
 
 
-@pytest.mark.parametrize("value, expected", [(0.109, 5), (0.091, 5), (0.111, 6), (0.089, 5)])
-def test_tolerance_skips_ratios_close_to_one(value, expected):
+@pytest.mark.parametrize("current, value, expected", [
+    (5, 0.109, 5), (5, 0.111, 6),  # above: ceil(5 x 1.09) would be 6, the tolerance keeps 5
+    (20, 0.092, 20), (20, 0.089, 18),  # below: ceil(20 x 0.92) would be 19, the tolerance keeps 20
+])
+def test_tolerance_skips_ratios_close_to_one(current, value, expected):
     # docs: if the ratio is sufficiently close to 1.0 (within the tolerance, 0.1 by default) the
-    # control plane skips any scaling action. 0.089 -> ratio 0.89: ceil(5 x 0.89) = 5 anyway.
-    assert hpa.replicas_for_metric(5, value, AVG) == expected
+    # control plane skips any scaling action.
+    assert hpa.replicas_for_metric(current, value, AVG) == expected
 
 
 def test_external_average_value_divides_the_total_by_the_target():
