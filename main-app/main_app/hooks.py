@@ -35,11 +35,14 @@ def _end_request(_exc: BaseException | None) -> None:
 
 def _observe(response: Response) -> Response:
     # Every label is bounded: anyone can send any method to any path.
-    route = request.url_rule.rule if request.url_rule else "unmatched"
-    method = metrics.method_label(request.method)
+    this_request, context = request._get_current_object(), g._get_current_object()  # one look-up each
+    rule = this_request.url_rule
+    route = rule.rule if rule else "unmatched"
+    method = metrics.method_label(this_request.method)
     metrics.child(metrics.HTTP_REQUESTS, route, method, metrics.status_label(response.status_code)).inc()
-    if "started" in g:
-        metrics.child(metrics.HTTP_LATENCY, route, method).observe(time.perf_counter() - g.started)
+    started = getattr(context, "started", None)
+    if started is not None:
+        metrics.child(metrics.HTTP_LATENCY, route, method).observe(time.perf_counter() - started)
     return response
 
 
