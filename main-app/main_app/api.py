@@ -18,17 +18,17 @@ from main_app.submission import Submissions, store_recorder
 
 
 class JobsApp(Flask):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sync_functions: dict = {}
+
     def ensure_sync(self, func):
         # Flask asks inspect, for every view and hook of every request, whether it is a coroutine
         # function (~10 µs a request here); the answer never changes for a function.
-        try:
-            return self._sync_functions[func]
-        except KeyError:
+        sync = self._sync_functions.get(func)
+        if sync is None:
             sync = self._sync_functions[func] = super().ensure_sync(func)
-            return sync
-        except AttributeError:
-            self._sync_functions: dict = {}
-            return self.ensure_sync(func)
+        return sync
 
 
 def create_app(settings: Settings | None = None, store: JobStore | None = None,
