@@ -54,7 +54,7 @@ def submit() -> Response:
                       reason=RejectReason.UNSUPPORTED_MEDIA_TYPE)
     accepted = _context().submissions.submit(client, this_request.get_data(cache=False),
                                              this_request.headers.get("Idempotency-Key"))
-    return _accepted(accepted)
+    return _AcceptedResponse(accepted)
 
 
 @jobs.get("/jobs/<job_id>")
@@ -99,10 +99,6 @@ class _AcceptedResponse(Response):
         headers = super().get_wsgi_headers(environ)
         headers["Location"] = self.location_path
         return headers
-
-
-def _accepted(accepted: Accepted) -> Response:
-    return _AcceptedResponse(accepted)
 
 
 def _is_json(mimetype: str) -> bool:

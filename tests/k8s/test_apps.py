@@ -67,6 +67,11 @@ def test_declared_env_finds_the_config():
     assert {"API_TOKENS", "API_TOKENS_FILE", "PROMETHEUS_MULTIPROC_DIR", "LOG_LEVEL"} <= reads
 
 
+def secret_data(docs, name: str) -> dict[str, str]:
+    obj = find(docs, "Secret", name)
+    return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} | obj.get("stringData", {})
+
+
 def container_env(docs, app: str) -> dict[str, str]:
     """The container's environment as Kubernetes would build it (envFrom, then env)."""
     dep = find(docs, "Deployment", app)
@@ -74,10 +79,7 @@ def container_env(docs, app: str) -> dict[str, str]:
     env: dict[str, str] = {}
 
     def data_of(kind, name):
-        obj = find(docs, kind, name)
-        if kind == "Secret":
-            return {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} | obj.get("stringData", {})
-        return obj["data"]
+        return secret_data(docs, name) if kind == "Secret" else find(docs, kind, name)["data"]
 
     for src in container.get("envFrom", []):
         if "configMapRef" in src:
@@ -121,11 +123,9 @@ def pod_environment(docs, app: str, files: Path) -> dict[str, str]:
         secret = volumes[mount["name"]].get("secret")
         if not secret:
             continue
-        obj = find(docs, "Secret", secret["secretName"])
-        data = {k: base64.b64decode(v).decode() for k, v in obj.get("data", {}).items()} | obj.get("stringData", {})
         local = files / mount["name"]
         local.mkdir(parents=True)
-        for key, value in data.items():
+        for key, value in secret_data(docs, secret["secretName"]).items():
             (local / key).write_text(value)
         env = {k: v.replace(mount["mountPath"], str(local), 1) if v.startswith(mount["mountPath"]) else v
                for k, v in env.items()}
@@ -207,10 +207,6 @@ def get(url: str) -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def secret_data(docs, name: str) -> dict[str, str]:
-    return {k: base64.b64decode(v).decode() for k, v in find(docs, "Secret", name)["data"].items()}
 
 
 def redis_server(docs, base: Path) -> RedisNode:
