@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -34,14 +33,17 @@ def run_locust(api, tmp_path: Path, name: str, **env: str) -> tuple[subprocess.C
                 "LOADTEST_SLEEP_SECONDS": "0.5", "LOADTEST_POLL_SECONDS": "0.2", "LOADTEST_WAIT_MIN": "0.1",
                 "LOADTEST_WAIT_MAX": "0.3", "LOADTEST_JOB_TIMEOUT": "30", **env}
     proc = subprocess.run([str(LOCUST), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless", "--host", api.url,
-                           "--csv", str(out), "--html", f"{out}.html", "--only-summary"],
+                           "--json-file", str(out), "--html", f"{out}.html", "--only-summary"],
                           env=full_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     return proc, out
 
 
 def stats_rows(out: Path) -> dict[tuple[str, str], dict]:
-    with open(f"{out}_stats.csv") as f:
-        return {(r["Type"], r["Name"]): r for r in csv.DictReader(f)}
+    """Locust's final stats by (method, name). Its --csv stats file is a snapshot rewritten once a
+    second and not refreshed when Locust quits, so it can miss the last requests; --json-file is
+    written after the users have stopped."""
+    with open(f"{out}.json") as f:
+        return {(r["method"], r["name"]): r for r in json.load(f)}
 
 
 def test_smoke_profile_passes_and_reports(api, tmp_path):
@@ -53,14 +55,14 @@ def test_smoke_profile_passes_and_reports(api, tmp_path):
     # one JSON line of responses by method and status: what make test-cluster-scaling accounts from
     responses = json.loads(next(ln for ln in log.splitlines() if ln.startswith("loadtest responses: "))
                            .split(": ", 1)[1])
-    assert responses["POST 202"] == int(rows[("POST", "POST /jobs")]["Request Count"])
-    assert responses["GET 200"] == int(rows[("GET", "GET /jobs/[id]")]["Request Count"])
-    assert int(rows[("POST", "POST /jobs")]["Request Count"]) > 10
-    assert int(rows[("GET", "GET /jobs/[id]")]["Request Count"]) > 10
+    assert responses["POST 202"] == int(rows[("POST", "POST /jobs")]["num_requests"])
+    assert responses["GET 200"] == int(rows[("GET", "GET /jobs/[id]")]["num_requests"])
+    assert int(rows[("POST", "POST /jobs")]["num_requests"]) > 10
+    assert int(rows[("GET", "GET /jobs/[id]")]["num_requests"]) > 10
     jobs = {name: r for (kind, name), r in rows.items() if kind == "JOB"}
     # echo and fail jobs were followed to their final status (`fail` ending `failed` is not an error)
     assert {"echo submit->final", "fail submit->final"} <= set(jobs), sorted(jobs)
-    assert all(int(r["Failure Count"]) == 0 for r in rows.values()), rows
+    assert all(int(r["num_failures"]) == 0 for r in rows.values()), rows
     assert Path(f"{out}.html").stat().st_size > 1000
 
 
@@ -74,4 +76,4 @@ def test_thresholds_fail_the_run(api, tmp_path):
 def test_wrong_token_counts_as_errors(api, tmp_path):
     proc, out = run_locust(api, tmp_path, "badtoken", LOADTEST_STAGE_SECONDS="4", LOADTEST_TOKEN="not-a-token")
     assert proc.returncode == 1
-    assert int(stats_rows(out)[("POST", "POST /jobs")]["Failure Count"]) > 0
+    assert int(stats_rows(out)[("POST", "POST /jobs")]["num_failures"]) > 0
