@@ -48,7 +48,7 @@ loadtest: loadtest-tools ## Locust headless against HOST (default: make run's AP
 	echo "locust: profile $(LOADTEST_PROFILE) against $(LOADTEST_HOST); reports: $$out*"; \
 	LOADTEST_PROFILE=$(LOADTEST_PROFILE) LOADTEST_TOKEN_FILE="$(LOADTEST_TOKEN_FILE)" \
 	  $(OBS_TOOLS_BIN)/locust -f loadtest/locustfile.py --headless --host "$(LOADTEST_HOST)" \
-	  --csv "$$out" --csv-full-history --html "$$out.html" --only-summary $(LOADTEST_ARGS)
+	  --csv "$$out" --csv-full-history --json-file "$$out" --html "$$out.html" --only-summary $(LOADTEST_ARGS)
 
 .PHONY: scaling-preview
 scaling-preview: venv services-deps k8s-tools prometheus-server loadtest-tools ## No cluster: step load on a local stack, signals from Prometheus, replayed through the HPA -> reports/scaling-preview/ (~7 min)
