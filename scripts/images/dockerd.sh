@@ -4,9 +4,12 @@
 #   dockerd.sh start    install Debian's docker.io if dockerd is missing, then start
 #                       dockerd unless an engine already answers on DOCKER_SOCKET
 #   dockerd.sh stop     stop the engine only if this script started it (pid file), then
-#                       remove the bridge and iptables rules it left (remove-network)
+#                       remove the bridge, iptables rules and mounts it left
+#                       (remove-network, remove-mounts)
 #   dockerd.sh remove-network   remove docker0 and Docker's iptables rules and chains
 #                       (not while a dockerd runs in this network namespace: they are its)
+#   dockerd.sh remove-mounts    unmount what dockerd mounted under EXEC_ROOT and DATA_ROOT
+#                       (not while a dockerd runs)
 #   dockerd.sh status   exit 0 when an engine answers
 #
 # The engine keeps its data under DOCKER_DATA_ROOT (default /var/lib/docker-test,
@@ -79,7 +82,7 @@ stop() {
   log "stopping dockerd (pid $pid)"
   kill -TERM "$pid"
   for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { log "stopped"; remove_network; return; }
+    kill -0 "$pid" 2>/dev/null || { log "stopped"; remove_network; remove_mounts; return; }
     sleep 1
   done
   log "error: dockerd (pid $pid) still running after 60 s"; exit 1
@@ -121,10 +124,24 @@ remove_network() {
   log "removed docker0 and Docker's iptables rules"
 }
 
+# dockerd bind-mounts the host's network namespace at EXEC_ROOT/netns/default and its data
+# root onto itself, and can leave both mounted when it exits. A data root that is a file
+# system of its own (another device than its parent directory) is the user's and stays.
+remove_mounts() {
+  if pgrep -x dockerd >/dev/null; then log "a dockerd runs: its mounts stay"; return; fi
+  local netns="$EXEC_ROOT/netns/default"
+  while mountpoint -q "$netns"; do umount "$netns"; done
+  while mountpoint -q "$DATA_ROOT" && [[ $(stat -c %d "$DATA_ROOT") == $(stat -c %d "$DATA_ROOT/..") ]]; do
+    umount "$DATA_ROOT"
+  done
+  log "removed dockerd's mounts under $EXEC_ROOT and $DATA_ROOT"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   remove-network) remove_network ;;
+  remove-mounts) remove_mounts ;;
   status) engine_up ;;
-  *) echo "usage: $0 start|stop|remove-network|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|remove-network|remove-mounts|status" >&2; exit 2 ;;
 esac

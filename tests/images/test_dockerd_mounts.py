@@ -1,0 +1,60 @@
+"""`dockerd.sh stop` unmounts what dockerd can leave mounted when it exits (`dockerd.sh
+remove-mounts`): the host's network namespace under its exec root and its data root bound onto
+itself. Checked in a mount and PID namespace of the test's own, so that neither the host's
+mounts nor a dockerd running on the host are touched or seen."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "images" / "dockerd.sh"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                reason="needs root and unshare (a mount namespace of its own)")
+
+
+def remove_mounts(tmp_path: Path, setup: str) -> dict[str, bool]:
+    """Run `setup`, then `dockerd.sh remove-mounts`, in new mount and PID namespaces; which of
+    the two places are still mount points afterwards."""
+    exec_root, data_root = tmp_path / "exec", tmp_path / "data"
+    (exec_root / "netns").mkdir(parents=True)
+    (exec_root / "netns" / "default").touch()
+    data_root.mkdir()
+    script = f"""set -e
+{setup}
+"{SCRIPT}" remove-mounts
+mountpoint -q "{exec_root}/netns/default" && echo netns-mounted || true
+mountpoint -q "{data_root}" && echo data-mounted || true
+"""
+    env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root)}
+    proc = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
+                           "bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {"netns": "netns-mounted" in proc.stdout, "data": "data-mounted" in proc.stdout}
+
+
+DOCKERS_MOUNTS = 'mount --bind /proc/self/ns/net "$DOCKER_EXEC_ROOT/netns/default"\n' \
+                 'mount --bind "$DOCKER_DATA_ROOT" "$DOCKER_DATA_ROOT"'
+
+
+def test_dockers_mounts_are_removed(tmp_path):
+    assert remove_mounts(tmp_path, DOCKERS_MOUNTS) == {"netns": False, "data": False}
+
+
+def test_a_data_root_on_a_file_system_of_its_own_stays(tmp_path):
+    setup = 'mount --bind /proc/self/ns/net "$DOCKER_EXEC_ROOT/netns/default"\n' \
+            'mount -t tmpfs jobs-test "$DOCKER_DATA_ROOT"'
+    assert remove_mounts(tmp_path, setup) == {"netns": False, "data": True}
+
+
+def test_nothing_is_unmounted_while_a_dockerd_runs(tmp_path):
+    fake = tmp_path / "bin" / "dockerd"
+    fake.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), fake)
+    setup = f'{DOCKERS_MOUNTS}\n"{fake}" 60 &\nsleep 0.2'
+    assert remove_mounts(tmp_path, setup) == {"netns": True, "data": True}
