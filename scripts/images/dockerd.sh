@@ -5,7 +5,8 @@
 #                       dockerd unless an engine already answers on DOCKER_SOCKET
 #   dockerd.sh stop     stop the engine only if this script started it (pid file), then
 #                       remove the bridge, iptables rules and mounts it left
-#                       (remove-network, remove-mounts)
+#                       (remove-network, remove-mounts); also when that engine was
+#                       killed or crashed before (its pid file left behind)
 #   dockerd.sh remove-network   remove docker0 and Docker's iptables rules and chains
 #                       (not while a dockerd runs in this network namespace: they are its)
 #   dockerd.sh remove-mounts    unmount what dockerd mounted under EXEC_ROOT and DATA_ROOT
@@ -78,7 +79,10 @@ start() {
 stop() {
   if [[ ! -f "$PIDFILE" ]]; then log "no pid file $PIDFILE: not started by this script, leaving it alone"; return; fi
   pid="$(cat "$PIDFILE")"
-  if ! kill -0 "$pid" 2>/dev/null; then rm -f "$PIDFILE"; log "not running"; return; fi
+  if ! kill -0 "$pid" 2>/dev/null; then
+    # Killed or crashed: what it left behind is still this script's to remove.
+    rm -f "$PIDFILE"; log "not running"; remove_network; remove_mounts; return
+  fi
   log "stopping dockerd (pid $pid)"
   kill -TERM "$pid"
   for _ in $(seq 1 60); do

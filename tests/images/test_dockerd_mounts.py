@@ -58,3 +58,28 @@ def test_nothing_is_unmounted_while_a_dockerd_runs(tmp_path):
     shutil.copy(shutil.which("sleep"), fake)
     setup = f'{DOCKERS_MOUNTS}\n"{fake}" 60 &\nsleep 0.2'
     assert remove_mounts(tmp_path, setup) == {"netns": True, "data": True}
+
+
+def test_stop_after_the_engine_was_killed_still_removes_its_mounts(tmp_path):
+    # dockerd.sh started an engine (its pid file) that was killed before `stop`: the mounts it
+    # left are removed all the same (a network namespace of the test's own for the bridge and
+    # iptables clean-up that `stop` also runs).
+    exec_root, data_root, pidfile = tmp_path / "exec", tmp_path / "data", tmp_path / "dockerd.pid"
+    (exec_root / "netns").mkdir(parents=True)
+    (exec_root / "netns" / "default").touch()
+    data_root.mkdir()
+    script = f"""set -e
+{DOCKERS_MOUNTS}
+sleep 60 & echo $! > "{pidfile}"; kill $!; wait $! || true
+"{SCRIPT}" stop
+mountpoint -q "{exec_root}/netns/default" && echo netns-mounted || true
+mountpoint -q "{data_root}" && echo data-mounted || true
+test -e "{pidfile}" && echo pidfile-left || true
+"""
+    env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root),
+           "DOCKERD_PIDFILE": str(pidfile)}
+    proc = subprocess.run(["unshare", "--mount", "--pid", "--net", "--fork", "--mount-proc", "--propagation",
+                           "private", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "not running" in proc.stderr
+    assert proc.stdout.split() == [], proc.stdout
