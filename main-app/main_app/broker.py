@@ -14,7 +14,9 @@ wait, not a store round trip of its own besides.
 A request thread wakes the loop of the connection it saw; the wake-up is tied to
 that connection, so one lost with a dead connection cannot silence the next, and
 the loop also drains the outbox on a timer as a backstop. A publisher whose loop
-leaves messages waiting is not ready (`ready`), whatever its connection says.
+leaves messages waiting, or whose broker has left a confirm overdue, is stalled: not
+ready (`ready`), whatever its connection says, and it refuses new messages at once
+rather than hold a request thread for the whole timeout each.
 """
 
 import logging
@@ -79,13 +81,17 @@ class Publisher:
         self._declare_topology = declare_topology
         self._connection: SelectConnection | None = None
         self._channel = None
-        self._pending: dict[int, tuple[Reply, str | None]] = {}
+        # Published, awaiting the broker's confirm: delivery tag -> (reply, message id, handed over at).
+        self._pending: dict[int, tuple[Reply, str | None, float]] = {}
+        # When the oldest message still awaiting its confirm was handed over (None: none awaits).
+        self._unconfirmed_since: float | None = None
         self._returned: set[str] = set()
         self._delivery_tag = 0
         # Messages handed over by request threads, published by the loop thread; under load
         # one wake-up (a write to pika's interrupt socket) carries many messages.
         self._outbox: Handoff[_Outgoing] = Handoff()
-        # A message waiting longer than this for the loop means the publisher is not publishing.
+        # A message waiting longer than this for the loop, or for its confirm, means the
+        # publisher is not publishing.
         self._stall_seconds = stall_seconds
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -104,9 +110,14 @@ class Publisher:
 
     @property
     def stalled(self) -> bool:
-        """A handed-over message has waited for the loop longer than stall_seconds."""
+        """A handed-over message has waited longer than stall_seconds for the loop, or for the
+        broker's confirm."""
+        now = time.monotonic()
         oldest = self._outbox.oldest()
-        return oldest is not None and time.monotonic() - oldest.queued_at > self._stall_seconds
+        if oldest is not None and now - oldest.queued_at > self._stall_seconds:
+            return True
+        unconfirmed_since = self._unconfirmed_since
+        return unconfirmed_since is not None and now - unconfirmed_since > self._stall_seconds
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -121,6 +132,8 @@ class Publisher:
         connection = self._connection
         if connection is None or not self._ready.is_set():
             raise BrokerUnavailable("not connected to RabbitMQ")
+        if self.stalled:  # it would only wait out its timeout behind the others
+            raise BrokerUnavailable(f"a message has waited over {self._stall_seconds:g}s to be published or confirmed")
         future: Reply = Reply()
         # The wake-up is tied to this connection: one sent to a connection that died meanwhile
         # does not count for its successor (which drains the outbox when it opens, and on a timer).
@@ -284,7 +297,9 @@ class Publisher:
             future.set_exception(BrokerUnavailable(f"publish failed: {exc}"))
             return
         self._delivery_tag += 1
-        self._pending[self._delivery_tag] = (future, properties.message_id)
+        self._pending[self._delivery_tag] = (future, properties.message_id, item.queued_at)
+        if self._unconfirmed_since is None:
+            self._unconfirmed_since = item.queued_at
 
     def _on_return(self, _channel, _method, properties, _body) -> None:
         # A returned (unroutable) message is still acked afterwards; remember it to fail that ack.
@@ -306,7 +321,7 @@ class Publisher:
             entry = self._pending.pop(tag, None)
             if entry is None:
                 continue
-            future, message_id = entry
+            future, message_id, _ = entry
             returned = message_id in self._returned
             self._returned.discard(message_id)  # forgotten whatever the confirm says
             if not acked:
@@ -315,11 +330,14 @@ class Publisher:
                 future.set_exception(BrokerUnavailable("RabbitMQ could not route the message to a queue"))
             else:
                 future.set_result(None)
+        oldest = next(iter(self._pending.values()), None)
+        self._unconfirmed_since = oldest[2] if oldest is not None else None
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
+        self._unconfirmed_since = None
         self._returned.clear()
-        for future, _ in pending.values():  # written, never confirmed
+        for future, _, _ in pending.values():  # written, never confirmed
             if not future.done():
                 future.set_exception(BrokerUnavailable(reason, maybe_published=True))
         for item in self._outbox.take():  # handed over but not published: fail them now, not at their timeout

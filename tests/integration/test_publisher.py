@@ -5,6 +5,7 @@ held at a chosen point while the test replaces the connection under it.
 """
 
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future
@@ -145,6 +146,41 @@ def test_readiness_fails_while_the_publisher_is_not_publishing(rabbit, redis_nod
         publisher.stop()
 
 
+def test_a_broker_that_stops_confirming_fails_submissions_at_once(rabbit, redis_node):
+    """RabbitMQ stops answering while its connections stay open (its node frozen with SIGSTOP):
+    once a confirm is overdue by PUBLISH_TIMEOUT_SECONDS, main-app is not ready and answers new
+    submissions 503 at once, instead of holding a request thread for the whole timeout each
+    (which, under load, queued every request, /healthz included, behind the stall). The broker's
+    confirms coming back end it."""
+    app = create_app(make_settings(rabbit.url, redis_node.url, publish_timeout_seconds=1.0))
+    publisher = app.extensions["publisher"]
+    client = app.test_client()
+    broker_pid = rabbit.os_pid()
+    assert broker_pid
+    try:
+        assert publisher.wait_ready(15)
+        assert client.post("/jobs", json={"type": "echo"}, headers=AUTH).status_code == 202
+        os.kill(broker_pid, signal.SIGSTOP)
+        # Written to the socket, never confirmed: 503 after the timeout (and up to 1 s more for a
+        # confirm that may be just arriving).
+        assert client.post("/jobs", json={"type": "echo"}, headers=AUTH).status_code == 503
+        started = time.monotonic()
+        answer = client.post("/jobs", json={"type": "echo"}, headers=AUTH)
+        assert answer.status_code == 503 and "broker is unavailable" in answer.get_json()["detail"]
+        assert answer.headers["Retry-After"]
+        assert time.monotonic() - started < 0.5, "the request waited for the stalled broker"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.get_json()["checks"]["broker"] is False
+        assert client.get("/healthz").status_code == 200
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    try:
+        wait_until(lambda: client.get("/readyz").status_code == 200, 15, "/readyz did not recover")
+        assert client.post("/jobs", json={"type": "echo"}, headers=AUTH).status_code == 202
+    finally:
+        publisher.stop()
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -164,7 +200,7 @@ def test_a_returned_then_nacked_message_is_forgotten(rabbit):
     publisher = Publisher(rabbit.url)  # not started: its loop-thread methods are driven directly
     future: Future = Future()
     future.set_running_or_notify_cancel()
-    publisher._pending[1] = (future, "m-1")
+    publisher._pending[1] = (future, "m-1", time.monotonic())
     publisher._on_return(None, None, pika.BasicProperties(message_id="m-1"), b"")
     publisher._on_confirm(pika.frame.Method(1, Basic.Nack(delivery_tag=1)))
     with pytest.raises(BrokerUnavailable, match="nack"):
