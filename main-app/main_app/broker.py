@@ -32,7 +32,7 @@ from pika.spec import Basic
 from jobs_contract import topology
 from jobs_contract.backoff import reconnect_delay
 from jobs_contract.handoff import Handoff, Reply
-from main_app.amqp_writes import coalesce_frame_writes
+from main_app.amqp_writes import coalesce_frame_writes, sent_at_once
 
 log = logging.getLogger(__name__)
 
@@ -271,9 +271,10 @@ class Publisher:
         to_record = [item for item in batch if item.record is not None]
         if to_record:
             self._record(to_record)
-        for item in batch:
-            if not item.future.done():  # not answered by its record
-                self._publish_on_loop(item)
+        with sent_at_once(self._connection):
+            for item in batch:
+                if not item.future.done():  # not answered by its record
+                    self._publish_on_loop(item)
 
     def _record(self, items: list[_Outgoing]) -> None:
         try:

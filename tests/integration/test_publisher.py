@@ -299,20 +299,29 @@ def test_a_request_that_gave_up_before_the_loop_took_it_is_neither_recorded_nor_
 
 
 def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amqp, monkeypatch):
-    """pika writes each frame with its own send(); the publisher's batch (3 frames per message)
-    goes out in one, and RabbitMQ takes every message of it intact."""
-    from pika.adapters.utils import io_services_utils
+    """pika writes each frame with its own send(), on the loop's next pass once the poller finds
+    the socket writable; the publisher's batch (3 frames per message) goes out in one send, in the
+    pass that published it (no writability watch turned on), and RabbitMQ takes every message of
+    it intact."""
+    from pika.adapters.utils import io_services_utils, selector_ioloop_adapter
 
     publisher, _ = recording_publisher
     sends: list[int] = []
+    watches: list[int] = []
     pika_send = io_services_utils._AsyncTransportBase._sigint_safe_send
+    pika_set_writer = selector_ioloop_adapter.SelectorIOServicesAdapter.set_writer
 
     def counting_send(sock, data):
         if threading.current_thread().name == "rabbitmq-publisher":
             sends.append(len(data))
         return pika_send(sock, data)
 
+    def counting_set_writer(self, fd, on_writable):
+        watches.append(fd)
+        return pika_set_writer(self, fd, on_writable)
+
     monkeypatch.setattr(io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send))
+    monkeypatch.setattr(selector_ioloop_adapter.SelectorIOServicesAdapter, "set_writer", counting_set_writer)
     release = hold_loop(publisher)
     outcomes: dict = {}
     ids = [f"job-{n}" for n in range(8)]
@@ -323,6 +332,7 @@ def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amq
         thread.join(10)
     assert outcomes == {job_id: None for job_id in ids}
     assert len(sends) == 1, sends  # 24 frames, one write
+    assert watches == []
     received = [amqp.basic_get(topology.QUEUE, auto_ack=True) for _ in ids]
     assert sorted(props.message_id for _, props, _ in received) == sorted(ids)
     assert all(body == b"{}" for _, _, body in received)

@@ -2,6 +2,7 @@
 same bytes in the same order, partial sends included."""
 
 import collections
+import errno
 
 import pytest
 from pika.adapters.utils import io_services_utils
@@ -20,6 +21,9 @@ class ShortWriteSocket:
         taken = bytes(data[:self.limit])
         self.sends.append(taken)
         return len(taken)
+
+    def fileno(self) -> int:
+        return 99
 
 
 def transport_with(frames: list[bytes], sock: ShortWriteSocket,
@@ -93,3 +97,100 @@ def test_frames_over_tls_are_sent_as_pika_buffered_them():
     # The send loop that pika's TLS transport calls under its own error handling.
     super(io_services_utils._AsyncSSLTransport, transport)._produce()
     assert sock.sends == FRAMES
+
+
+class Poller:
+    """Stands in for pika's I/O services: records the writability watch turned on and off."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def set_writer(self, fd, callback):
+        self.calls.append("set_writer")
+
+    def remove_writer(self, fd):
+        self.calls.append("remove_writer")
+
+
+class Connection:
+    def __init__(self, transport):
+        self._transport = transport
+
+
+def held_transport(sock) -> tuple[object, Poller, list]:
+    transport = transport_with([], sock)
+    transport._nbio = Poller()
+    aborts: list = []
+    transport._initiate_abort = aborts.append
+    return transport, transport._nbio, aborts
+
+
+def test_frames_written_in_a_sent_at_once_block_leave_in_one_send_when_it_ends():
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport, poller, aborts = held_transport(sock)
+    with amqp_writes.sent_at_once(Connection(transport)):
+        for frame in FRAMES:
+            transport.write(frame)
+        assert sock.sends == []  # nothing sent yet, and no writability watch turned on
+    assert sock.sends == [b"".join(FRAMES)]
+    assert poller.calls == [] and aborts == []
+    assert not transport._tx_buffers and transport._tx_buffered_byte_count == 0
+
+
+def test_outside_a_block_pika_waits_for_writability_as_before():
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport, poller, _ = held_transport(sock)
+    for frame in FRAMES[:3]:
+        transport.write(frame)
+    assert sock.sends == [] and poller.calls == ["set_writer"]  # once, for the first frame
+    transport._on_socket_writable()
+    assert sock.sends == [b"".join(FRAMES[:3])] and poller.calls == ["set_writer", "remove_writer"]
+
+
+def test_what_the_socket_does_not_take_at_once_is_left_to_pikas_writability_watch():
+    class TakesSevenThenFull(ShortWriteSocket):
+        def send(self, data) -> int:
+            if self.sends:
+                raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+            return super().send(data)
+
+    sock = TakesSevenThenFull(limit=7)
+    transport, poller, aborts = held_transport(sock)
+    with amqp_writes.sent_at_once(Connection(transport)):
+        for frame in FRAMES:
+            transport.write(frame)
+    assert sock.sends == [b"".join(FRAMES)[:7]]
+    assert poller.calls == ["set_writer"] and aborts == []
+    assert b"".join(transport._tx_buffers) == b"".join(FRAMES)[7:]
+    assert transport._tx_buffered_byte_count == len(b"".join(FRAMES)) - 7
+
+
+def test_a_failed_send_aborts_the_transport_as_pika_does():
+    class ResetSocket(ShortWriteSocket):
+        def send(self, data) -> int:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    transport, poller, aborts = held_transport(ResetSocket(limit=1))
+    with amqp_writes.sent_at_once(Connection(transport)):
+        transport.write(b"frame")
+    assert [type(error) for error in aborts] == [ConnectionResetError] and poller.calls == []
+
+
+def test_with_unsent_bytes_before_the_block_pikas_watch_sends_them_all_in_order():
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport, poller, _ = held_transport(sock)
+    transport.write(b"left-from-before")  # the watch is on
+    with amqp_writes.sent_at_once(Connection(transport)):
+        transport.write(b"new-frame")
+    assert sock.sends == [] and poller.calls == ["set_writer"]
+    transport._on_socket_writable()
+    assert sock.sends == [b"left-from-before" + b"new-frame"]
+
+
+def test_a_connection_without_a_plaintext_transport_is_left_to_pika():
+    with amqp_writes.sent_at_once(Connection(None)):
+        pass
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport = transport_with([], sock, io_services_utils._AsyncSSLTransport)
+    with amqp_writes.sent_at_once(Connection(transport)):
+        assert not getattr(transport, "_held", False)
