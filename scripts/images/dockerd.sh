@@ -58,7 +58,7 @@ start() {
   if [[ $EUID -ne 0 ]]; then log "error: starting dockerd needs root"; exit 1; fi
   mkdir -p "$DATA_ROOT" "$EXEC_ROOT" "$(dirname "$LOGFILE")"
   # A stale pid file from a killed engine would stop dockerd from starting.
-  if [[ -f "$PIDFILE" ]] && ! kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then rm -f "$PIDFILE"; fi
+  if [[ -f "$PIDFILE" ]] && ! is_dockerd "$(cat "$PIDFILE")"; then rm -f "$PIDFILE"; fi
   log "starting dockerd (data-root $DATA_ROOT, log $LOGFILE)"
   setsid dockerd \
     --host "unix://$SOCKET" \
@@ -76,12 +76,22 @@ start() {
   exit 1
 }
 
+# The pid file names a process that is still a dockerd (not one that reused its pid).
+is_dockerd() { [[ $(cat "/proc/$1/comm" 2>/dev/null) == dockerd ]]; }
+
 stop() {
   if [[ ! -f "$PIDFILE" ]]; then log "no pid file $PIDFILE: not started by this script, leaving it alone"; return; fi
   pid="$(cat "$PIDFILE")"
-  if ! kill -0 "$pid" 2>/dev/null; then
-    # Killed or crashed: what it left behind is still this script's to remove.
-    rm -f "$PIDFILE"; log "not running"; remove_network; remove_mounts; return
+  if ! is_dockerd "$pid"; then
+    # Killed or crashed: what it left behind is still this script's to remove, unless another
+    # engine answers on the socket (then the bridge and rules are its).
+    log "not running"
+    if engine_up; then
+      log "an engine answers on $SOCKET: its network and mounts stay"
+    else
+      remove_network; remove_mounts
+    fi
+    rm -f "$PIDFILE"; return
   fi
   log "stopping dockerd (pid $pid)"
   kill -TERM "$pid"

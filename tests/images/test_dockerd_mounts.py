@@ -60,26 +60,52 @@ def test_nothing_is_unmounted_while_a_dockerd_runs(tmp_path):
     assert remove_mounts(tmp_path, setup) == {"netns": True, "data": True}
 
 
-def test_stop_after_the_engine_was_killed_still_removes_its_mounts(tmp_path):
-    # dockerd.sh started an engine (its pid file) that was killed before `stop`: the mounts it
-    # left are removed all the same (a network namespace of the test's own for the bridge and
-    # iptables clean-up that `stop` also runs).
+
+def stop_after(tmp_path: Path, engine: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """dockerd.sh started an engine (its pid file) that is gone when `stop` runs; `engine` is the
+    shell that writes that pid file. In mount, PID and network namespaces of the test's own, with
+    dockerd's mounts, its bridge and an iptables chain of its in place: which of them are left."""
     exec_root, data_root, pidfile = tmp_path / "exec", tmp_path / "data", tmp_path / "dockerd.pid"
     (exec_root / "netns").mkdir(parents=True)
     (exec_root / "netns" / "default").touch()
     data_root.mkdir()
     script = f"""set -e
 {DOCKERS_MOUNTS}
-sleep 60 & echo $! > "{pidfile}"; kill $!; wait $! || true
+ip link add docker0 type bridge
+iptables -N DOCKER
+{engine}
 "{SCRIPT}" stop
 mountpoint -q "{exec_root}/netns/default" && echo netns-mounted || true
 mountpoint -q "{data_root}" && echo data-mounted || true
+ip link show docker0 >/dev/null 2>&1 && echo bridge-left || true
+iptables -S | grep -q -- '-N DOCKER' && echo chain-left || true
 test -e "{pidfile}" && echo pidfile-left || true
+if [ -f "{tmp_path}/other.pid" ] && kill -0 "$(cat "{tmp_path}/other.pid")"; then echo other-alive; fi
 """
     env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root),
-           "DOCKERD_PIDFILE": str(pidfile)}
+           "DOCKERD_PIDFILE": str(pidfile), "DOCKER_SOCKET": str(tmp_path / "no-engine.sock")}
     proc = subprocess.run(["unshare", "--mount", "--pid", "--net", "--fork", "--mount-proc", "--propagation",
                            "private", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, proc.stdout.split()
+
+
+needs_network_tools = pytest.mark.skipif(shutil.which("iptables") is None or shutil.which("ip") is None,
+                                         reason="needs ip and iptables")
+
+
+@needs_network_tools
+def test_stop_after_the_engine_was_killed_still_removes_what_it_left(tmp_path):
+    pidfile = tmp_path / "dockerd.pid"
+    proc, left = stop_after(tmp_path, f'sleep 60 & echo $! > "{pidfile}"; kill $!; wait $! || true')
     assert "not running" in proc.stderr
-    assert proc.stdout.split() == [], proc.stdout
+    assert left == [], left
+
+
+@needs_network_tools
+def test_a_pid_reused_by_another_process_is_not_signalled(tmp_path):
+    # The dead engine's pid now belongs to something else: stop must not send it SIGTERM.
+    pidfile = tmp_path / "dockerd.pid"
+    proc, left = stop_after(tmp_path, f'sleep 60 & echo $! > "{pidfile}"; echo $! > "{tmp_path}/other.pid"')
+    assert "not running" in proc.stderr and "stopping dockerd" not in proc.stderr
+    assert left == ["other-alive"], left
