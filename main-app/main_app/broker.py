@@ -14,9 +14,10 @@ wait, not a store round trip of its own besides.
 A request thread wakes the loop of the connection it saw; the wake-up is tied to
 that connection, so one lost with a dead connection cannot silence the next, and
 the loop also drains the outbox on a timer as a backstop. A publisher whose loop
-leaves messages waiting, or whose broker has left a confirm overdue, is stalled: not
-ready (`ready`), whatever its connection says, and it refuses new messages at once
-rather than hold a request thread for the whole timeout each.
+leaves a message waiting, or whose broker leaves one unconfirmed, for longer than
+stall_seconds since its request handed it over is stalled: not ready (`ready`),
+whatever its connection says, and it refuses new messages at once rather than hold
+a request thread for the whole timeout each.
 """
 
 import logging

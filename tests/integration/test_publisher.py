@@ -19,6 +19,7 @@ from test_api import AUTH, make_settings
 
 from conftest import queue_depth
 from jobs_contract import JobStore, topology
+from jobs_contract.handoff import Reply
 from jobs_contract.store import NewJob
 from main_app import broker
 from main_app.api import create_app
@@ -148,7 +149,8 @@ def test_readiness_fails_while_the_publisher_is_not_publishing(rabbit, redis_nod
 
 def test_a_broker_that_stops_confirming_fails_submissions_at_once(rabbit, redis_node):
     """RabbitMQ stops answering while its connections stay open (its node frozen with SIGSTOP):
-    once a confirm is overdue by PUBLISH_TIMEOUT_SECONDS, main-app is not ready and answers new
+    once a message has waited PUBLISH_TIMEOUT_SECONDS for its confirm (counted from when its
+    request handed it over), main-app is not ready and answers new
     submissions 503 at once, instead of holding a request thread for the whole timeout each
     (which, under load, queued every request, /healthz included, behind the stall). The broker's
     confirms coming back end it."""
@@ -207,6 +209,57 @@ def test_a_returned_then_nacked_message_is_forgotten(rabbit):
         future.result(0)
     assert publisher._returned == set()
 
+
+
+class OpenChannel:
+    is_open = True
+
+    def basic_publish(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_a_confirm_overdue_stalls_the_publisher_until_every_older_message_is_answered():
+    """Which message's confirm is overdue follows the broker's answers one by one: an ack, a
+    nack, a returned message's ack and a `multiple` ack each end the wait of the messages they
+    answer, and the oldest message still waiting decides. Driven on the loop's methods directly."""
+    publisher = Publisher("amqp://guest:guest@127.0.0.1:1/%2F", stall_seconds=5.0)  # never started
+    publisher._channel = OpenChannel()
+    now = time.monotonic()
+    replies = []
+    for tag, waited in enumerate((30.0, 10.0, 6.0, 1.0), start=1):
+        reply = Reply()
+        reply.set_running_or_notify_cancel()
+        replies.append(reply)
+        properties = pika.BasicProperties(message_id=f"m-{tag}")
+        publisher._publish_on_loop(broker._Outgoing("jobs", "jobs", b"{}", properties, reply, now - waited))
+
+    def confirm(method) -> None:
+        publisher._on_confirm(pika.frame.Method(1, method))
+
+    assert publisher.stalled  # m-1, handed over 30 s ago, has no confirm
+    confirm(Basic.Ack(delivery_tag=1))
+    assert publisher.stalled  # m-2: 10 s
+    confirm(Basic.Nack(delivery_tag=2))
+    assert publisher.stalled and publisher._unconfirmed_since == now - 6.0  # m-3: 6 s
+    publisher._on_return(None, None, pika.BasicProperties(message_id="m-3"), b"")
+    confirm(Basic.Ack(delivery_tag=3))
+    assert not publisher.stalled and publisher._unconfirmed_since == now - 1.0  # m-4: 1 s, within bounds
+    publisher._publish_on_loop(broker._Outgoing("jobs", "jobs", b"{}", pika.BasicProperties(message_id="m-5"),
+                                                Reply(), now - 20.0))
+    assert not publisher.stalled  # the first message published and still waiting decides (m-4)
+    confirm(Basic.Ack(delivery_tag=5, multiple=True))
+    assert publisher._unconfirmed_since is None and not publisher.stalled
+    assert [r.done() for r in replies] == [True, True, True, True]
+    with pytest.raises(BrokerUnavailable, match="nack"):
+        replies[1].result(0)
+    with pytest.raises(BrokerUnavailable, match="route"):
+        replies[2].result(0)
+
+    publisher._publish_on_loop(broker._Outgoing("jobs", "jobs", b"{}", pika.BasicProperties(message_id="m-6"),
+                                                Reply(), now - 30.0))
+    assert publisher.stalled
+    publisher._fail_pending("connection to RabbitMQ lost")  # a lost connection ends it too
+    assert publisher._unconfirmed_since is None and not publisher.stalled
 
 class SpyRecorder:
     """The store's recorder, counting its calls (each one Redis round trip) and their sizes."""
@@ -317,7 +370,8 @@ def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amq
         return pika_send(sock, data)
 
     def counting_set_writer(self, fd, on_writable):
-        watches.append(fd)
+        if threading.current_thread().name == "rabbitmq-publisher":
+            watches.append(fd)
         return pika_set_writer(self, fd, on_writable)
 
     monkeypatch.setattr(io_services_utils._AsyncTransportBase, "_sigint_safe_send", staticmethod(counting_send))
@@ -332,7 +386,7 @@ def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amq
         thread.join(10)
     assert outcomes == {job_id: None for job_id in ids}
     assert len(sends) == 1, sends  # 24 frames, one write
-    assert watches == []
+    assert publisher._connection._transport._sock.fileno() not in watches
     received = [amqp.basic_get(topology.QUEUE, auto_ack=True) for _ in ids]
     assert sorted(props.message_id for _, props, _ in received) == sorted(ids)
     assert all(body == b"{}" for _, _, body in received)
