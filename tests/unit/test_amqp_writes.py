@@ -194,3 +194,22 @@ def test_a_connection_without_a_plaintext_transport_is_left_to_pika():
     transport = transport_with([], sock, io_services_utils._AsyncSSLTransport)
     with amqp_writes.sent_at_once(Connection(transport)):
         assert not getattr(transport, "_held", False)
+
+
+def test_what_was_written_before_an_error_in_the_block_is_still_sent():
+    # As without the block: a frame pika accepted is sent whatever the caller does next.
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport, poller, _ = held_transport(sock)
+    with pytest.raises(RuntimeError), amqp_writes.sent_at_once(Connection(transport)):
+        transport.write(b"frame")
+        raise RuntimeError("publishing failed half-way")
+    assert sock.sends == [b"frame"] and poller.calls == [] and not transport._held
+
+
+def test_a_transport_aborted_in_the_block_sends_nothing_more():
+    sock = ShortWriteSocket(limit=1 << 20)
+    transport, poller, _ = held_transport(sock)
+    with amqp_writes.sent_at_once(Connection(transport)):
+        transport.write(b"frame")
+        transport._state = transport._STATE_ABORTED_BY_USER  # the connection is being torn down
+    assert sock.sends == [] and poller.calls == []
