@@ -18,23 +18,31 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is 
                                 reason="needs root and unshare (a mount namespace of its own)")
 
 
-def remove_mounts(tmp_path: Path, setup: str) -> dict[str, bool]:
-    """Run `setup`, then `dockerd.sh remove-mounts`, in new mount and PID namespaces; which of
-    the two places are still mount points afterwards."""
+def run_isolated(tmp_path: Path, script: str, *, network: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """`script` (bash, `set -e`) in mount and PID namespaces of the test's own (and a network
+    namespace, with `network`), with dockerd's exec and data roots under tmp_path in
+    DOCKER_EXEC_ROOT and DOCKER_DATA_ROOT; it must succeed."""
     exec_root, data_root = tmp_path / "exec", tmp_path / "data"
     (exec_root / "netns").mkdir(parents=True)
     (exec_root / "netns" / "default").touch()
     data_root.mkdir()
-    script = f"""set -e
-{setup}
-"{SCRIPT}" remove-mounts
-mountpoint -q "{exec_root}/netns/default" && echo netns-mounted || true
-mountpoint -q "{data_root}" && echo data-mounted || true
-"""
-    env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root)}
-    proc = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
-                           "bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root), **env}
+    namespaces = ["--mount", "--pid", *(["--net"] if network else [])]
+    proc = subprocess.run(["unshare", *namespaces, "--fork", "--mount-proc", "--propagation", "private",
+                           "bash", "-c", f"set -e\n{script}"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+# What is still mounted, one word each on stdout.
+MOUNTS_LEFT = 'mountpoint -q "$DOCKER_EXEC_ROOT/netns/default" && echo netns-mounted || true\n' \
+              'mountpoint -q "$DOCKER_DATA_ROOT" && echo data-mounted || true'
+
+
+def remove_mounts(tmp_path: Path, setup: str) -> dict[str, bool]:
+    """Run `setup`, then `dockerd.sh remove-mounts`, in new mount and PID namespaces; which of
+    the two places are still mount points afterwards."""
+    proc = run_isolated(tmp_path, f'{setup}\n"{SCRIPT}" remove-mounts\n{MOUNTS_LEFT}')
     return {"netns": "netns-mounted" in proc.stdout, "data": "data-mounted" in proc.stdout}
 
 
@@ -65,28 +73,20 @@ def stop_after(tmp_path: Path, engine: str) -> tuple[subprocess.CompletedProcess
     """dockerd.sh started an engine (its pid file) that is gone when `stop` runs; `engine` is the
     shell that writes that pid file. In mount, PID and network namespaces of the test's own, with
     dockerd's mounts, its bridge and an iptables chain of its in place: which of them are left."""
-    exec_root, data_root, pidfile = tmp_path / "exec", tmp_path / "data", tmp_path / "dockerd.pid"
-    (exec_root / "netns").mkdir(parents=True)
-    (exec_root / "netns" / "default").touch()
-    data_root.mkdir()
-    script = f"""set -e
-{DOCKERS_MOUNTS}
+    pidfile = tmp_path / "dockerd.pid"
+    script = f"""{DOCKERS_MOUNTS}
 ip link add docker0 type bridge
 iptables -N DOCKER
 {engine}
 "{SCRIPT}" stop
-mountpoint -q "{exec_root}/netns/default" && echo netns-mounted || true
-mountpoint -q "{data_root}" && echo data-mounted || true
+{MOUNTS_LEFT}
 ip link show docker0 >/dev/null 2>&1 && echo bridge-left || true
 iptables -S | grep -q -- '-N DOCKER' && echo chain-left || true
 test -e "{pidfile}" && echo pidfile-left || true
 if [ -f "{tmp_path}/other.pid" ] && kill -0 "$(cat "{tmp_path}/other.pid")"; then echo other-alive; fi
 """
-    env = {**os.environ, "DOCKER_EXEC_ROOT": str(exec_root), "DOCKER_DATA_ROOT": str(data_root),
-           "DOCKERD_PIDFILE": str(pidfile), "DOCKER_SOCKET": str(tmp_path / "no-engine.sock")}
-    proc = subprocess.run(["unshare", "--mount", "--pid", "--net", "--fork", "--mount-proc", "--propagation",
-                           "private", "bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_isolated(tmp_path, script, network=True, DOCKERD_PIDFILE=str(pidfile),
+                        DOCKER_SOCKET=str(tmp_path / "no-engine.sock"))
     return proc, proc.stdout.split()
 
 
