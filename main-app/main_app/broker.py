@@ -84,7 +84,9 @@ class Publisher:
         self._channel = None
         # Published, awaiting the broker's confirm: delivery tag -> (reply, message id, handed over at).
         self._pending: dict[int, tuple[Reply, str | None, float]] = {}
-        # When the oldest message still awaiting its confirm was handed over (None: none awaits).
+        # When the oldest message still awaiting its confirm was handed over (None: none awaits):
+        # _pending's first entry, kept apart because request threads read it (`stalled`) while
+        # the loop thread changes the dict.
         self._unconfirmed_since: float | None = None
         self._returned: set[str] = set()
         self._delivery_tag = 0
