@@ -42,11 +42,14 @@ class BrokerUnavailable(Exception):
     """The message was not confirmed by RabbitMQ: treat it as not published.
 
     maybe_published: it was written to the broker before the failure (lost connection, no
-    confirm in time), so it may be queued after all; otherwise it certainly is not."""
+    confirm in time), so it may be queued after all; otherwise it certainly is not.
+    before_handover: refused before the publisher's loop took the message, so its record (if
+    one came with it) was not written either."""
 
-    def __init__(self, reason: str, maybe_published: bool = False):
+    def __init__(self, reason: str, maybe_published: bool = False, before_handover: bool = False):
         super().__init__(reason)
         self.maybe_published = maybe_published
+        self.before_handover = before_handover
 
 
 # The loop drains the outbox this often even if no wake-up reached it.
@@ -134,9 +137,10 @@ class Publisher:
             raise ValueError("a record to write, but this publisher has no recorder")
         connection = self._connection
         if connection is None or not self._ready.is_set():
-            raise BrokerUnavailable("not connected to RabbitMQ")
+            raise BrokerUnavailable("not connected to RabbitMQ", before_handover=True)
         if self.stalled:  # it would only wait out its timeout behind the others
-            raise BrokerUnavailable(f"a message has waited over {self._stall_seconds:g}s to be published or confirmed")
+            raise BrokerUnavailable(f"a message has waited over {self._stall_seconds:g}s to be published or confirmed",
+                                    before_handover=True)
         future: Reply = Reply()
         # The wake-up is tied to this connection: one sent to a connection that died meanwhile
         # does not count for its successor (which drains the outbox when it opens, and on a timer).
@@ -148,7 +152,8 @@ class Publisher:
         except TimeoutError:
             # Not handed to the broker yet: make sure it never is (the caller answers 503).
             if future.cancel():
-                raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s") from None
+                raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s", before_handover=True) \
+                    from None
             # Being recorded or already on the wire: its confirm may be just arriving.
             try:
                 return future.result(min(1.0, timeout))

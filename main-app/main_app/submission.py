@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +44,32 @@ class _Idempotency:
     body_hash: str
 
 
+class _ThrottledWarning:
+    """A warning logged at most once per `period`, for failures that repeat with every request
+    while a dependency is down; the ones in between are counted into the next."""
+
+    def __init__(self, period: float = 10.0):
+        self.period = period
+        self._lock = threading.Lock()
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def __call__(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_at:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._next_at = self._suppressed, 0, now + self.period
+        if suppressed:
+            message, args = message + " (and %d more like it since the last such warning)", (*args, suppressed)
+        log.warning(message, *args)
+
+
+_warn_store_failed = _ThrottledWarning()
+_warn_broker_refused = _ThrottledWarning()
+
+
 def timed_store(operation: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """A job store call, timed; Redis errors become a 503 (nothing was accepted)."""
     started = time.perf_counter()
@@ -55,7 +82,7 @@ def timed_store(operation: str, call: Callable[..., T], *args: Any, **kwargs: An
 
 
 def _store_unavailable(operation: str, exc: redis.RedisError) -> Problem:
-    log.warning("job store %s failed: %s", operation, exc)
+    _warn_store_failed("job store %s failed: %s", operation, exc)
     return unavailable("the job store is unavailable; the job was not accepted", RejectReason.STORE_UNAVAILABLE)
 
 
@@ -142,12 +169,15 @@ class Submissions:
         except redis.RedisError as exc:  # the record could not be written: nothing was published
             raise _store_unavailable("create", exc) from None
         except BrokerUnavailable as exc:
-            log.warning("job %s not accepted: %s", message.id, exc)
-            try:  # the key stays while the job may be queued: a retry must get that job, not a new one
-                self.store.discard(message.id, message.client, idempotency and idempotency.key,
-                                   keep_key=exc.maybe_published or keep_key)
-            except redis.RedisError:
-                log.warning("could not remove the record of unaccepted job %s", message.id)
+            if exc.before_handover and record is not None:  # neither recorded nor published: nothing to undo
+                _warn_broker_refused("job %s not accepted: %s", message.id, exc)
+            else:
+                log.warning("job %s not accepted: %s", message.id, exc)
+                try:  # the key stays while the job may be queued: a retry must get that job, not a new one
+                    self.store.discard(message.id, message.client, idempotency and idempotency.key,
+                                       keep_key=exc.maybe_published or keep_key)
+                except redis.RedisError:
+                    log.warning("could not remove the record of unaccepted job %s", message.id)
             raise unavailable("the message broker is unavailable; the job was not accepted",
                               RejectReason.BROKER_UNAVAILABLE) from None
         finally:

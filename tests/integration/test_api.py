@@ -224,18 +224,30 @@ def test_health_and_readiness(client, openapi):
     openapi.check("/readyz", "get", ready)
 
 
-def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client):
+def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client, caplog):
     from jobs_devtools.stack import free_port
+
+    def scripts_run() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval", "del"))
 
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
     app = create_app(make_settings(dead_broker, redis_node.url))
     try:
         client = app.test_client()
-        response = client.post("/jobs", json={"type": "echo"}, headers={**AUTH, "Idempotency-Key": "k1"})
-        assert response.status_code == 503
-        assert response.headers["Retry-After"] == "1"
-        assert response.mimetype == "application/problem+json"
+        before = scripts_run()
+        with caplog.at_level("WARNING", logger="main_app.submission"):
+            for attempt in range(5):
+                response = client.post("/jobs", json={"type": "echo"},
+                                       headers={**AUTH, "Idempotency-Key": f"k{attempt}"})
+                assert response.status_code == 503
+                assert response.headers["Retry-After"] == "1"
+                assert response.mimetype == "application/problem+json"
         assert redis_client.dbsize() == 0, "an unaccepted job left a record or idempotency key behind"
+        # Refused before anything was written: no clean-up in Redis, and one warning, not one per request.
+        assert scripts_run() == before
+        warnings = [r.getMessage() for r in caplog.records if r.name == "main_app.submission"]
+        assert len(warnings) == 1 and "not connected to RabbitMQ" in warnings[0], warnings
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.get_json()["checks"]["broker"] is False
     finally:
