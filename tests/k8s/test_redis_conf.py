@@ -53,6 +53,10 @@ def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
         assert config("dir") == str(tmp_path)
         noauth = subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True)
         assert "NOAUTH" in noauth.stdout + noauth.stderr
+        # --requirepass is an argument, yet no process on the node can read it from /proc:
+        # redis-server overwrites its arguments with its process title once it has started.
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            assert password.encode() not in cmdline.read()
         # The readiness probe, pointed at this port.
         probe = container["readinessProbe"]["exec"]["command"]
         assert probe[:2] == ["sh", "-c"]
