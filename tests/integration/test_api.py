@@ -224,8 +224,12 @@ def test_health_and_readiness(client, openapi):
     openapi.check("/readyz", "get", ready)
 
 
-def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client, caplog):
+def test_broker_unavailable_is_503_and_nothing_is_accepted(rabbit, redis_node, redis_client, caplog, monkeypatch):
     from jobs_devtools.stack import free_port
+    from main_app import submission
+
+    # The throttle is per process: one armed by an earlier test would hide this test's warning.
+    monkeypatch.setattr(submission, "_warn_broker_refused", submission._ThrottledWarning())
 
     def scripts_run() -> int:
         stats = redis_client.info("commandstats")
