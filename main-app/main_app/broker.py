@@ -43,8 +43,8 @@ class BrokerUnavailable(Exception):
 
     maybe_published: it was written to the broker before the failure (lost connection, no
     confirm in time), so it may be queued after all; otherwise it certainly is not.
-    before_handover: refused before the publisher's loop took the message, so its record (if
-    one came with it) was not written either."""
+    before_handover: refused before the publisher's loop took the message to record and
+    publish it, so its record (if one came with it) was not written either."""
 
     def __init__(self, reason: str, maybe_published: bool = False, before_handover: bool = False):
         super().__init__(reason)
@@ -349,6 +349,6 @@ class Publisher:
         for future, _, _ in pending.values():  # written, never confirmed
             if not future.done():
                 future.set_exception(BrokerUnavailable(reason, maybe_published=True))
-        for item in self._outbox.take():  # handed over but not published: fail them now, not at their timeout
+        for item in self._outbox.take():  # handed over, neither recorded nor published: fail them now
             if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(BrokerUnavailable(reason))
+                item.future.set_exception(BrokerUnavailable(reason, before_handover=True))

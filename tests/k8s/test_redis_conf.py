@@ -53,8 +53,9 @@ def test_redis_arguments_and_probe(rendered, overlay, tmp_path):
         assert config("dir") == str(tmp_path)
         noauth = subprocess.run([cli, "-p", str(port), "ping"], capture_output=True, text=True)
         assert "NOAUTH" in noauth.stdout + noauth.stderr
-        # --requirepass is an argument, yet no process on the node can read it from /proc:
-        # redis-server overwrites its arguments with its process title once it has started.
+        # --requirepass is an argument, yet not in /proc/<pid>/cmdline once the server has started:
+        # redis-server overwrites its arguments with its process title. (It is still in the
+        # container's environment and spec, as any Secret passed as an environment variable is.)
         with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
             assert password.encode() not in cmdline.read()
         # The readiness probe, pointed at this port.
