@@ -18,6 +18,12 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _server.metrics_dir
 bind = [f"{_server.http_host}:{_server.http_port}"]
 worker_class = "gthread"
 workers = _server.workers
+# A listening socket per worker (SO_REUSEPORT), so that the kernel spreads new connections over
+# the workers. On one shared socket whichever worker wakes first accepts, and a burst of
+# connections can all land on one worker, which then serves alone, bound by its GIL, while the
+# other idles (docs/performance.md). The cost: a worker that hangs keeps the connections the
+# kernel hands its socket waiting, until gunicorn's timeout replaces it.
+reuse_port = workers > 1
 threads = _server.threads
 graceful_timeout = _server.graceful_timeout
 timeout = 30
