@@ -5,9 +5,13 @@ wipes that directory at start, serves the aggregate on METRICS_PORT (never on
 the API port) and marks dead workers so their live gauges drop out.
 """
 
+import errno
 import gc
 import os
 import shutil
+import socket
+
+from gunicorn import sock, util
 
 from main_app.config import ServerSettings
 
@@ -21,8 +25,9 @@ workers = _server.workers
 # A listening socket per worker (SO_REUSEPORT), so that the kernel spreads new connections over
 # the workers. On one shared socket whichever worker wakes first accepts, and a burst of
 # connections can all land on one worker, which then serves alone, bound by its GIL, while the
-# other idles (docs/performance.md). The cost: a worker that hangs keeps the connections the
-# kernel hands its socket waiting, until gunicorn's timeout replaces it.
+# other idles (docs/performance.md). A worker opens its socket only once it is ready
+# (post_worker_init). The cost: a worker that hangs keeps the connections the kernel hands its
+# socket waiting, until gunicorn's timeout replaces it (docs/guarantees.md, "Known limits and findings").
 reuse_port = workers > 1
 threads = _server.threads
 graceful_timeout = _server.graceful_timeout
@@ -40,8 +45,38 @@ limit_request_field_size = 8190
 
 
 def on_starting(server):
+    if server.cfg.reuse_port:
+        _fail_if_address_in_use(server.cfg.address)
     shutil.rmtree(_server.metrics_dir, ignore_errors=True)
     os.makedirs(_server.metrics_dir, exist_ok=True)
+
+
+def _fail_if_address_in_use(addresses) -> None:
+    # With reuse_port the master binds nothing and each worker binds its own socket: a port that
+    # is taken would only make workers fail to start, one after another, and another server on
+    # it with SO_REUSEPORT would share its connections with us. Stop at once instead.
+    for address in addresses:
+        probe = socket.socket(socket.AF_INET6 if util.is_ipv6(address[0]) else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"{address[0]}:{address[1]} is already in use") from None
+            raise
+        finally:
+            probe.close()
+
+
+def post_fork(server, worker):
+    # With reuse_port the kernel hashes new connections over every socket bound to the port, so a
+    # worker that is still loading the app or connecting to RabbitMQ would hold its share waiting.
+    # Its socket is opened in post_worker_init instead, once it is ready (as on a shared socket,
+    # where a worker accepts only once it runs).
+    if server.cfg.reuse_port:
+        for listener in worker.sockets:
+            listener.close()
+        worker.sockets = []
 
 
 def when_ready(server):
@@ -64,6 +99,8 @@ def post_worker_init(worker):
     publisher = getattr(worker.wsgi, "extensions", {}).get("publisher")
     if publisher is not None and not publisher.wait_ready(_server.startup_broker_wait_seconds):
         worker.log.warning("RabbitMQ not reachable yet; serving (503 for submissions) while reconnecting")
+    if worker.cfg.reuse_port:
+        worker.sockets = sock.create_sockets(worker.cfg, worker.log)
 
 
 def child_exit(server, worker):

@@ -20,7 +20,8 @@ def _frozen_at_start(code: str) -> int:
 def test_startup_objects_are_frozen_out_of_garbage_collection(app):
     if app == "main-app":  # gunicorn's hook once a worker has loaded the app
         code = ("import gc, types; from main_app import gunicorn_conf;"
-                "gunicorn_conf.post_worker_init(types.SimpleNamespace(wsgi=object()));"
+                "cfg = types.SimpleNamespace(reuse_port=False);"
+                "gunicorn_conf.post_worker_init(types.SimpleNamespace(wsgi=object(), cfg=cfg));"
                 "print(gc.get_freeze_count())")
     else:  # the entry point, up to where the worker starts consuming
         code = ("import gc; import service_app.__main__ as entry; from service_app import health;"
