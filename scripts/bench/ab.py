@@ -100,14 +100,18 @@ def main() -> int:
                         try:
                             bench.end_to_end(servers[name], store, args.rate, 1.0)  # warm-up
                             bench.wait_until_quiet(bench.node_pids(stack))
-                            r = bench.end_to_end(servers[name], store, args.rate, args.seconds)
+                            others = {"worker": [worker.proc.pid],
+                                      **{node: [pid] for node, pid in bench.node_pids(stack).items()}}
+                            r = bench.end_to_end(servers[name], store, args.rate, args.seconds, others)
                         finally:
                             worker.stop()
                         results[name].append(r["e2e_p99_ms"])
                         submit_p99[name].append(r["submit_p99_ms"])
                         cpu[name].append(r["api_cpu_us_per_req"])
                         bench.log(f"{name}: e2e p50 {r['e2e_p50_ms']:.1f} ms p99 {r['e2e_p99_ms']:.1f} ms, submit p99 "
-                                  f"{r['submit_p99_ms']:.1f} ms, API cpu {r['api_cpu_us_per_req']:.0f} us/req, "
+                                  f"{r['submit_p99_ms']:.1f} ms, cpu us/req: "
+                                  + ", ".join(f"{p} {r[f'{p}_cpu_us_per_req']:.0f}" for p in bench.E2E_PROCESSES)
+                                  + f", machine busy {r['machine_busy']:.2f} steal {r['machine_steal']:.2f}, "
                                   f"not succeeded {r['not_succeeded']} "
                                   f"load {os.getloadavg()[0]:.1f}")
                     elif name == "B" and args.peer_b:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -65,6 +66,8 @@ PEER_PRODUCERS = {"peer_celery": "peers:celery_api", "peer_dramatiq": "peers:dra
                   "peer_naive": "peers:naive_api"}
 # Workers: both store every result in Redis (same durability as ours: outcome recorded, then ack).
 PEER_WORKERS = {"peer_celery_worker": "celery", "peer_dramatiq_worker": "dramatiq"}
+# Where the end-to-end phase's CPU goes: each process's CPU per job, the load generator's included.
+E2E_PROCESSES = ("api", "worker", "rabbitmq", "redis", "client")
 PEER_QUEUES = {"celery": "peer-celery", "dramatiq": "peer-dramatiq"}
 PEER_RESULTS_DB = {"celery": 1, "dramatiq": 2}
 PEER_LABELS = {
@@ -546,36 +549,93 @@ def peer_worker_drain(stack: PrivateStack, peer: str, count: int, tag: str,
 
 async def open_loop(host: str, port: int, rate: float, seconds: float, connections: int = 64) -> list[tuple]:
     """POST /jobs at a fixed rate (open loop: each request is timed from when it was due, so a slow
-    server cannot slow the clock down); returns (due_wall_time, status, job_id, latency_s)."""
+    server cannot slow the clock down); returns (due_wall_time, status, job_id, latency_s).
+
+    Lean on purpose: the client shares the machine's 2 cores with what it measures, so it is one
+    timer per request and one callback per response (no streams, no coroutine per request)."""
     body = b'{"type":"echo","payload":{"n":1,"text":"hello"}}'
     request = (f"POST /jobs HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
     total = int(rate * seconds)
     results: list[tuple] = []
-    counter = iter(range(total))
     loop = asyncio.get_running_loop()
     start_mono = loop.time() + 0.2
     start_wall = time.time() + 0.2
+    idle: list[OpenLoopConnection] = []
+    overdue: collections.deque[int] = collections.deque()  # due, but every connection was busy
+    finished = loop.create_future()
 
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        for i in counter:
-            due = start_mono + i / rate
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-            payload = await reader.readexactly(length)
-            done = loop.time()
-            job_id = json.loads(payload).get("id") if status == 202 else None
-            results.append((start_wall + i / rate, status, job_id, done - due))
-        writer.close()
+    def send(conn: OpenLoopConnection, i: int) -> None:
+        conn.due_index = i
+        conn.transport.write(request)
 
-    await asyncio.gather(*(client() for _ in range(connections)))
+    def on_response(conn: OpenLoopConnection, status: int, payload: bytes) -> None:
+        i = conn.due_index
+        done = loop.time()
+        job_id = json.loads(payload).get("id") if status == 202 else None
+        results.append((start_wall + i / rate, status, job_id, done - (start_mono + i / rate)))
+        if overdue:
+            send(conn, overdue.popleft())
+        else:
+            idle.append(conn)
+        if len(results) == total and not finished.done():
+            finished.set_result(None)
+
+    def on_lost(conn: OpenLoopConnection, exc: Exception | None) -> None:
+        if conn in idle:
+            idle.remove(conn)
+        elif not finished.done():  # a request was in flight: the run cannot be timed honestly
+            finished.set_exception(ConnectionError(f"the server closed a connection mid-request: {exc}"))
+
+    def due(i: int) -> None:
+        if i + 1 < total:
+            loop.call_at(start_mono + (i + 1) / rate, due, i + 1)
+        if idle:
+            send(idle.pop(), i)
+        else:
+            overdue.append(i)
+
+    transports = []
+    for _ in range(connections):
+        transport, conn = await loop.create_connection(lambda: OpenLoopConnection(on_response, on_lost), host, port)
+        transports.append(transport)
+        idle.append(conn)
+    if total:
+        loop.call_at(start_mono, due, 0)
+        await finished
+    for transport in transports:
+        transport.close()
     return results
+
+
+class OpenLoopConnection(asyncio.Protocol):
+    """One kept-alive connection with at most one request in flight."""
+
+    def __init__(self, on_response: Callable[[OpenLoopConnection, int, bytes], None],
+                 on_lost: Callable[[OpenLoopConnection, Exception | None], None]):
+        self.on_response = on_response
+        self.on_lost = on_lost
+        self.buffer = b""
+        self.due_index = -1
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end]
+        length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+        if len(self.buffer) < end + 4 + length:
+            return
+        payload, self.buffer = self.buffer[end + 4:end + 4 + length], self.buffer[end + 4 + length:]
+        self.on_response(self, int(head[9:12]), payload)
+
+    def connection_lost(self, exc) -> None:
+        self.on_lost(self, exc)
 
 
 def parse_time(value: bytes | None) -> float | None:
@@ -584,11 +644,42 @@ def parse_time(value: bytes | None) -> float | None:
     return datetime.fromisoformat(value.decode().replace("Z", "+00:00")).timestamp()
 
 
-def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dict[str, Any]:
-    api_pids = server_pids(api)
-    api_cpu = cpu_seconds(api_pids)
+def reference_loop_ms() -> float:
+    """CPU time of a fixed pure-Python loop: the VM's speed for Python at this moment, so that runs
+    of different hours (and the phases of one run) can be compared."""
+    started = time.process_time()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    return (time.process_time() - started) * 1000
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time so far, from /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as stat:
+        return [int(ticks) for ticks in stat.readline().split()[1:9]]
+
+
+def machine_busy(before: list[int], after: list[int]) -> tuple[float, float]:
+    """The share of the machine busy between two readings (idle and I/O wait are not busy), and
+    the share the hypervisor took (steal: the VM wanted to run and was not let)."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta) or 1
+    return 1 - (delta[3] + delta[4]) / total, delta[7] / total
+
+
+def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
+               others: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Open-loop submissions at `rate`, then when each job was recorded `succeeded`; with the CPU
+    per request of the API, of `others` (the worker, RabbitMQ, Redis) and of this load generator,
+    and how busy the machine was: where the cores went, in every run."""
+    groups = {"api": server_pids(api), **(others or {})}
+    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    client_cpu, machine = time.process_time(), machine_ticks()
     results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
-    api_cpu = cpu_seconds(api_pids) - api_cpu
+    client_cpu = time.process_time() - client_cpu
+    busy, steal = machine_busy(machine, machine_ticks())
+    used = {name: cpu_seconds(pids) - before[name] for name, pids in groups.items()}
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:
     # GET /jobs/<id> answers from this very record, so that is when success became visible.
@@ -616,7 +707,9 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float) -> dic
     e2e = segments["e2e"]
     submit = [r[3] * 1000 for r in accepted]
     return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
-            "api_cpu_us_per_req": api_cpu / len(results) * 1e6 if results else None,
+            **{f"{name}_cpu_us_per_req": seconds_used / len(results) * 1e6 if results else None
+               for name, seconds_used in (*used.items(), ("client", client_cpu))},
+            "machine_busy": busy, "machine_steal": steal,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
             **{f"{name}_p{q}_ms": percentile(segments[name], q) for name in ("to_created", "to_started", "to_finished")
@@ -636,8 +729,10 @@ class Bench:
 
     def record(self, key: str, value: Any) -> None:
         self.runs.setdefault(key, []).append(value)
-        # Other work on the machine skews every number: keep the load next to each run.
+        # Other work on the machine skews every number: keep the load next to each run, and how
+        # fast the VM ran Python then (its speed changes by 2x and more from hour to hour).
         self.results.setdefault("loadavg_1m", []).append((key, os.getloadavg()[0]))
+        self.results.setdefault("reference_loop_ms", []).append((key, reference_loop_ms()))
 
     def reset(self, url: str, store: redis.Redis) -> None:
         """Empty every queue (ours and the peers') and every Redis database between runs."""
@@ -755,7 +850,8 @@ class Bench:
             end_to_end(api, store, e2e_rate, 1.0)  # warm-up
             for _ in range(p.repeats):
                 wait_until_quiet(others)
-                result = end_to_end(api, store, e2e_rate, p.e2e_seconds)
+                result = end_to_end(api, store, e2e_rate, p.e2e_seconds,
+                                    {"worker": [worker.proc.pid], **{name: [pid] for name, pid in others.items()}})
                 self.record("e2e", result)
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
                     f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
@@ -796,7 +892,12 @@ class Bench:
             "e2e_p50_ms": summary([r["e2e_p50_ms"] for r in runs["e2e"]]),
             "e2e_p99_ms": summary([r["e2e_p99_ms"] for r in runs["e2e"]]),
             "e2e_submit_p99_ms": summary([r["submit_p99_ms"] for r in runs["e2e"]]),
-            "e2e_api_cpu_us_per_req": summary([r["api_cpu_us_per_req"] for r in runs["e2e"]]),
+            **{f"e2e_{name}_cpu_us_per_req": summary([r.get(f"{name}_cpu_us_per_req") for r in runs["e2e"]])
+               for name in E2E_PROCESSES},
+            "e2e_total_cpu_us_per_req": summary([sum(r.get(f"{name}_cpu_us_per_req") or 0 for name in E2E_PROCESSES)
+                                                 for r in runs["e2e"]]),
+            "e2e_machine_busy": summary([r["machine_busy"] for r in runs["e2e"]]),
+            "e2e_machine_steal": summary([r["machine_steal"] for r in runs["e2e"]]),
             **{f"e2e_{name}_p{q}_ms": summary([r.get(f"{name}_p{q}_ms") for r in runs["e2e"]])
                for name in ("to_created", "to_started", "to_finished") for q in (50, 99)},
             "e2e_not_succeeded": sum(r["not_succeeded"] for r in runs["e2e"]),
@@ -896,14 +997,18 @@ def table(r: dict[str, Any]) -> str:
         (f"service-app drain of {r['profile']['drain_messages']:,} jobs", f"{d['jobs_per_s']:,.0f} jobs/s",
          f"RSS {d['rss_mb_start']:.1f} → {d['rss_mb_end']:.1f} MB (max {d['rss_mb_max']:.1f})"),
         (f"end to end at {r['e2e_rate']:,}/s (50% of max ingest)", f"p50 {fmt(r['e2e_p50_ms'], 1)} ms",
-         f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms; "
-         f"API CPU {fmt(r['e2e_api_cpu_us_per_req'])} µs/request"),
+         f"p99 {fmt(r['e2e_p99_ms'], 1)} ms; submit p99 {fmt(r['e2e_submit_p99_ms'], 1)} ms"),
+        ("end to end, where the cores go (CPU µs per job)",
+         f"{fmt(r['e2e_total_cpu_us_per_req'])} µs",
+         ", ".join(f"{name} {fmt(r[f'e2e_{name}_cpu_us_per_req'])}" for name in E2E_PROCESSES)
+         + f"; the machine {fmt(r['e2e_machine_busy'], 2)} busy, steal {fmt(r['e2e_machine_steal'], 2)}"),
         ("end to end, where the time goes (p50 / p99)",
          f"{fmt(r['e2e_to_created_p50_ms'], 1)} / {fmt(r['e2e_to_created_p99_ms'], 1)} ms to `created_at`",
          f"then {fmt(r['e2e_to_started_p50_ms'], 1)} / {fmt(r['e2e_to_started_p99_ms'], 1)} ms to `started_at` "
          f"(record, publish, confirm, delivery, a free job thread), then {fmt(r['e2e_to_finished_p50_ms'], 1)} / "
          f"{fmt(r['e2e_to_finished_p99_ms'], 1)} ms to `finished_at`"),
         *peer_rows(r),
+        *speed_rows(r),
         ("RSS per gunicorn worker / service-app process",
          " / ".join(f"{x:.0f}" for x in r["gunicorn_worker_rss_mb"]) + f" / {r['service_app_rss_mb']:.0f} MB", ""),
     ]
@@ -911,6 +1016,17 @@ def table(r: dict[str, Any]) -> str:
     lines = [f"| {'measurement':<{width}} | result | notes |", f"|{'-' * (width + 2)}|---|---|"]
     lines += [f"| {a:<{width}} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def speed_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The VM's speed when the run started and during its end-to-end phase (it can change within a run)."""
+    loops = r.get("reference_loop_ms") or []
+    if not loops:
+        return []
+    e2e = summary([ms for key, ms in loops if key == "e2e"])
+    return [("the VM's speed: a fixed Python loop's CPU time", f"{loops[0][1]:.0f} ms at the start",
+             f"{fmt(e2e)} ms in the end-to-end phase; all phases {min(ms for _, ms in loops):.0f}–"
+             f"{max(ms for _, ms in loops):.0f} ms (higher is slower)")]
 
 
 def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:

@@ -2,6 +2,12 @@
 summary, the `bench:` line and the peer workers' settings.
 Run by `make test` (pytest.ini's testpaths) and again by `make bench-smoke`."""
 
+import asyncio
+import contextlib
+import json
+import re
+import time
+
 import pytest
 
 from jobs_devtools.bench import bench
@@ -109,3 +115,105 @@ def test_peer_workers_get_service_apps_concurrency_and_prefetch():
     assert celery[celery.index("--prefetch-multiplier") + 1] == "2"
     with pytest.raises(ValueError, match="multiple"):
         bench.peer_worker_command("celery", bench.worker_settings({"WORKER_CONCURRENCY": "4", "WORKER_PREFETCH": "6"}))
+
+
+async def _serve(handle):
+    """A local HTTP/1.1 server on 127.0.0.1 whose connections `handle(reader, writer)` serves."""
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+def _answer(status: int, body: bytes) -> bytes:
+    return (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_open_loop_sends_at_the_rate_and_times_each_request_from_when_it_was_due():
+    seen = []
+
+    async def handle(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError):  # the client closes when it is done
+            await serve(reader, writer)
+
+    async def serve(reader, writer):
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            body = await reader.readexactly(length)
+            seen.append((time.monotonic(), json.loads(body)["type"]))
+            n = len(seen)
+            if n % 5 == 0:  # a refusal, and an answer split across two writes
+                writer.write(_answer(429, b'{"title":"slow down"}'))
+            else:
+                answer = _answer(202, json.dumps({"id": f"job-{n}"}).encode())
+                writer.write(answer[:20])
+                await writer.drain()
+                writer.write(answer[20:])
+            await writer.drain()
+
+    async def main():
+        server = await _serve(handle)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await bench.open_loop("127.0.0.1", port, rate=200, seconds=0.5, connections=4)
+
+    results = asyncio.run(main())
+    assert len(results) == len(seen) == 100
+    assert {kind for _, kind in seen} == {"echo"}
+    statuses = [status for _, status, _, _ in results]
+    assert statuses.count(429) == 20 and statuses.count(202) == 80
+    assert all(job_id.startswith("job-") for _, status, job_id, _ in results if status == 202)
+    assert all(job_id is None for _, status, job_id, _ in results if status != 202)
+    due = sorted(due for due, *_ in results)
+    assert due[-1] - due[0] == pytest.approx(99 / 200)  # the schedule, not the server, sets the clock
+    assert all(0 <= latency < 0.5 for *_, latency in results)
+    sent = [at for at, _ in seen]
+    assert 0.4 < sent[-1] - sent[0] < 0.7  # spread over the half second, not sent in a burst
+
+
+def test_open_loop_fails_loudly_when_the_server_drops_a_request():
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # no answer
+
+    async def main():
+        server = await _serve(handle)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await bench.open_loop("127.0.0.1", port, rate=50, seconds=0.2, connections=2)
+
+    with pytest.raises(ConnectionError, match="mid-request"):
+        asyncio.run(main())
+
+
+def test_machine_busy_counts_idle_and_iowait_as_not_busy():
+    before = [100, 0, 50, 1000, 10, 0, 0, 5]
+    after = [160, 0, 80, 1090, 20, 0, 0, 15]  # user+60 system+30 idle+90 iowait+10 steal+10
+    busy, steal = bench.machine_busy(before, after)
+    assert busy == pytest.approx(1 - 100 / 200)
+    assert steal == pytest.approx(10 / 200)
+
+
+def test_reference_loop_is_a_cpu_time():
+    assert 1 < bench.reference_loop_ms() < 10_000
+
+
+def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_path):
+    http = {"rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "non_2xx": 0, "socket_errors": 0, "cpu_us_per_req": 900.0}
+    drain = {"jobs_per_s": 50.0, "cpu_us_per_job": 400.0, "rss_mb_start": 40.0, "rss_mb_end": 41.0,
+             "rss_mb_max": 42.0}
+    e2e = {"rate": 50, "e2e_p50_ms": 3.0, "e2e_p99_ms": 9.0, "submit_p99_ms": 4.0, "not_succeeded": 0,
+           "api_cpu_us_per_req": 1300.0, "worker_cpu_us_per_req": 600.0, "rabbitmq_cpu_us_per_req": 400.0,
+           "redis_cpu_us_per_req": 140.0, "client_cpu_us_per_req": 160.0, "machine_busy": 0.7,
+           "machine_steal": 0.01}
+    run = bench.Bench(bench.QUICK, tmp_path, peers=False)
+    run.runs = {"noop": [http], "ingest": [http], "worker": [drain], "worker_tuned": [drain], "e2e": [e2e],
+                "raw_publish": [900.0], "raw_publish_sync": [300.0], "raw_consume": [800.0],
+                "raw_publish_rabbitmq_cpu_us": [80.0]}
+    run.results = {"drain": drain, "gunicorn_worker_rss_mb": [60.0, 61.0], "service_app_rss_mb": 41.0,
+                   "reference_loop_ms": [("noop", 40.0), ("ingest", 44.0), ("e2e", 61.0)]}
+    result = run.summarise(bench.worker_settings(), bench.worker_settings())
+    assert result["e2e_total_cpu_us_per_req"]["median"] == 2600.0
+    rows = {line.split(" | ")[0].strip("| "): line for line in bench.table(result).splitlines()}
+    cores = rows["end to end, where the cores go (CPU µs per job)"]
+    assert "2,600 µs" in cores and "api 1,300" in cores and "client 160" in cores and "0.70 busy" in cores
+    speed = rows["the VM's speed: a fixed Python loop's CPU time"]
+    assert "40 ms at the start" in speed and "61 ms in the end-to-end phase" in speed
