@@ -117,9 +117,14 @@ def test_peer_workers_get_service_apps_concurrency_and_prefetch():
         bench.peer_worker_command("celery", bench.worker_settings({"WORKER_CONCURRENCY": "4", "WORKER_PREFETCH": "6"}))
 
 
-async def _serve(handle):
-    """A local HTTP/1.1 server on 127.0.0.1 whose connections `handle(reader, writer)` serves."""
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+def _open_loop_against(handle, **load) -> list[tuple]:
+    """bench.open_loop(**load) against a local server whose connections `handle(reader, writer)` serves."""
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            return await bench.open_loop("127.0.0.1", server.sockets[0].getsockname()[1], **load)
+
+    return asyncio.run(main())
 
 
 def _answer(status: int, body: bytes) -> bytes:
@@ -146,13 +151,7 @@ def test_open_loop_sends_at_the_rate_and_times_each_request_from_when_it_was_due
                 writer.write(_answer(202, json.dumps({"id": f"job-{n}"}).encode()))
             await writer.drain()
 
-    async def main():
-        server = await _serve(handle)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await bench.open_loop("127.0.0.1", port, rate=200, seconds=0.5, connections=4)
-
-    results = asyncio.run(main())
+    results = _open_loop_against(handle, rate=200, seconds=0.5, connections=4)
     assert len(results) == len(seen) == 100
     assert {kind for _, kind in seen} == {"echo"}
     statuses = [status for _, status, _, _ in results]
@@ -177,13 +176,7 @@ def test_open_loop_counts_the_wait_for_a_free_connection_as_latency():
                 writer.write(_answer(202, b'{"id":"j"}'))
                 await writer.drain()
 
-    async def main():
-        server = await _serve(handle)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await bench.open_loop("127.0.0.1", port, rate=100, seconds=0.3, connections=1)
-
-    results = sorted(asyncio.run(main()))
+    results = sorted(_open_loop_against(handle, rate=100, seconds=0.3, connections=1))
     assert len(results) == 30
     latencies = [latency for *_, latency in results]
     assert latencies[0] >= 0.03
@@ -209,14 +202,8 @@ def test_open_loop_fails_loudly_on_an_answer_it_cannot_read():
             await writer.drain()
             await reader.read()
 
-    async def main():
-        server = await _serve(handle)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await bench.open_loop("127.0.0.1", port, rate=20, seconds=0.1, connections=1)
-
     with pytest.raises(ConnectionError, match="could not be read"):
-        asyncio.run(main())
+        _open_loop_against(handle, rate=20, seconds=0.1, connections=1)
 
 
 def test_open_loop_fails_loudly_when_the_server_drops_a_request():
@@ -224,14 +211,8 @@ def test_open_loop_fails_loudly_when_the_server_drops_a_request():
         await reader.readuntil(b"\r\n\r\n")
         writer.close()  # no answer
 
-    async def main():
-        server = await _serve(handle)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            return await bench.open_loop("127.0.0.1", port, rate=50, seconds=0.2, connections=2)
-
     with pytest.raises(ConnectionError, match="mid-request"):
-        asyncio.run(main())
+        _open_loop_against(handle, rate=50, seconds=0.2, connections=2)
 
 
 def test_machine_busy_counts_idle_and_iowait_as_not_busy():
