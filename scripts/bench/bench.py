@@ -593,8 +593,8 @@ async def open_loop(host: str, port: int, rate: float, seconds: float, connectio
                                  f"read: {exc!r}"))
         elif conn in idle:
             idle.remove(conn)
-            if not idle and len(results) < total:
-                fail(ConnectionError("the server closed every idle connection"))
+            if all(transport.is_closing() for transport in transports) and len(results) < total:
+                fail(ConnectionError("the server closed every connection"))
 
     def due(i: int) -> None:
         if i + 1 < total:

@@ -184,6 +184,30 @@ def test_open_loop_counts_the_wait_for_a_free_connection_as_latency():
     assert latencies[-1] > latencies[0] + 0.4
 
 
+def test_open_loop_carries_on_when_an_idle_connection_closes_while_another_is_busy():
+    # The first connection answers once and closes 70 ms later, while the second is busy with a
+    # slow answer: its requests wait for the second connection, and the run still ends whole.
+    accepted = []
+
+    async def handle(reader, writer):
+        accepted.append(writer)
+        first = len(accepted) == 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))
+                if not first:
+                    await asyncio.sleep(0.1)
+                writer.write(_answer(202, b'{"id":"j"}'))
+                await writer.drain()
+                if first:
+                    await asyncio.sleep(0.07)
+                    writer.close()
+                    return
+
+    results = _open_loop_against(handle, rate=20, seconds=0.2, connections=2)
+    assert [status for _, status, _, _ in results] == [202] * 4
+
+
 def test_an_answer_split_into_single_bytes_is_read_once():
     answers = []
     conn = bench.OpenLoopConnection(lambda c, status, payload: answers.append((status, payload)),
