@@ -100,9 +100,8 @@ def main() -> int:
                         try:
                             bench.end_to_end(servers[name], store, args.rate, 1.0)  # warm-up
                             bench.wait_until_quiet(bench.node_pids(stack))
-                            others = {"worker": [worker.proc.pid],
-                                      **{node: [pid] for node, pid in bench.node_pids(stack).items()}}
-                            r = bench.end_to_end(servers[name], store, args.rate, args.seconds, others)
+                            r = bench.end_to_end(servers[name], store, args.rate, args.seconds,
+                                                 bench.e2e_others(stack, worker))
                         finally:
                             worker.stop()
                         results[name].append(r["e2e_p99_ms"])

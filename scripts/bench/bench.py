@@ -689,6 +689,16 @@ def machine_busy(before: list[int], after: list[int]) -> tuple[float, float]:
     return 1 - (delta[3] + delta[4]) / total, delta[7] / total
 
 
+def per_million(seconds: float, count: int) -> float | None:
+    """CPU seconds spent on `count` requests or jobs, in µs each."""
+    return seconds / count * 1e6 if count else None
+
+
+def e2e_others(stack: PrivateStack, worker: App) -> dict[str, list[int]]:
+    """The processes besides the API whose CPU an end-to-end run accounts for."""
+    return {"worker": [worker.proc.pid], **{name: [pid] for name, pid in node_pids(stack).items()}}
+
+
 def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
                others: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Open-loop submissions at `rate`, then when each job was recorded `succeeded`; with the CPU
@@ -729,10 +739,9 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     submit = [r[3] * 1000 for r in accepted]
     return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
             # The API and the client per request sent; the rest per job accepted (each ran once).
-            **{f"{name}_cpu_us_per_req": seconds_used / count * 1e6 if count else None
-               for name, seconds_used, count in (*((name, cpu, len(results) if name == "api" else len(accepted))
-                                                   for name, cpu in used.items()),
-                                                 ("client", client_cpu, len(results)))},
+            "api_cpu_us_per_req": per_million(used.pop("api"), len(results)),
+            "client_cpu_us_per_req": per_million(client_cpu, len(results)),
+            **{f"{name}_cpu_us_per_req": per_million(cpu, len(accepted)) for name, cpu in used.items()},
             "machine_busy": busy, "machine_steal": steal,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
@@ -874,8 +883,7 @@ class Bench:
             end_to_end(api, store, e2e_rate, 1.0)  # warm-up
             for _ in range(p.repeats):
                 wait_until_quiet(others)
-                result = end_to_end(api, store, e2e_rate, p.e2e_seconds,
-                                    {"worker": [worker.proc.pid], **{name: [pid] for name, pid in others.items()}})
+                result = end_to_end(api, store, e2e_rate, p.e2e_seconds, e2e_others(stack, worker))
                 self.record("e2e", result)
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
                     f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
