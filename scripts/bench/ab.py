@@ -110,6 +110,8 @@ def main() -> int:
                         bench.log(f"{name}: e2e p50 {r['e2e_p50_ms']:.1f} ms p99 {r['e2e_p99_ms']:.1f} ms, submit p99 "
                                   f"{r['submit_p99_ms']:.1f} ms, cpu us/req: "
                                   + ", ".join(f"{p} {r[f'{p}_cpu_us_per_req'] or 0:.0f}" for p in bench.E2E_PROCESSES)
+                                  + ", wake-ups/req: "
+                                  + ", ".join(f"{p} {r[f'{p}_wakeups_per_req'] or 0:.1f}" for p in bench.E2E_PROCESSES)
                                   + f", machine busy {r['machine_busy']:.2f} steal {r['machine_steal']:.2f}, "
                                   f"not succeeded {r['not_succeeded']} "
                                   f"load {os.getloadavg()[0]:.1f}")

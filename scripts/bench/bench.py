@@ -30,12 +30,15 @@ import math
 import os
 import platform
 import re
+import resource
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -68,6 +71,7 @@ PEER_PRODUCERS = {"peer_celery": "peers:celery_api", "peer_dramatiq": "peers:dra
 PEER_WORKERS = {"peer_celery_worker": "celery", "peer_dramatiq_worker": "dramatiq"}
 # Where the end-to-end phase's CPU goes: each process's CPU per job, the load generator's included.
 E2E_PROCESSES = ("api", "worker", "rabbitmq", "redis", "client")
+WAKEUP_PROBE_RATE = 50.0  # round trips per second: each thread sleeps between them
 PEER_QUEUES = {"celery": "peer-celery", "dramatiq": "peer-dramatiq"}
 PEER_RESULTS_DB = {"celery": 1, "dramatiq": 2}
 PEER_LABELS = {
@@ -675,6 +679,55 @@ def reference_loop_ms() -> float:
     return (time.process_time() - started) * 1000
 
 
+def wakeup_cost_us(rate: float | None, seconds: float) -> tuple[float, int]:
+    """CPU µs per round trip between two threads of this process over a socket pair, and how many
+    ran: one every 1/rate seconds (three wake-ups from sleep each: the timer, the echo, the answer;
+    a job at a trickle pays its wake-ups like this), or back to back (rate None: the threads seldom
+    sleep). What the VM charges for waking a thread, measured beside the run."""
+    ours, echoing = socket.socketpair()
+
+    def echo() -> None:
+        while data := echoing.recv(64):
+            echoing.sendall(data)
+
+    thread = threading.Thread(target=echo, name="wakeup-echo", daemon=True)
+    thread.start()
+    count, started_cpu = 0, time.process_time()
+    started = due = time.monotonic()
+    try:
+        while time.monotonic() - started < seconds:
+            if rate:
+                due += 1 / rate
+                time.sleep(max(0.0, due - time.monotonic()))
+            ours.sendall(b"x")
+            ours.recv(64)
+            count += 1
+        used = time.process_time() - started_cpu
+    finally:
+        ours.close()
+        thread.join(5)
+        echoing.close()
+    return used / count * 1e6, count
+
+
+def wakeups(pids: list[int]) -> int:
+    """How many times these processes' threads slept and were woken so far (voluntary context
+    switches, summed over every thread alive: a thread that has exited takes its count along)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            total += int(status.split("voluntary_ctxt_switches:", 1)[1].split(None, 1)[0])
+    return total
+
+
 def machine_ticks() -> list[int]:
     """The machine's CPU time so far, from /proc/stat: user nice system idle iowait irq softirq steal."""
     with open("/proc/stat") as stat:
@@ -687,6 +740,10 @@ def machine_busy(before: list[int], after: list[int]) -> tuple[float, float]:
     delta = [b - a for a, b in zip(before, after, strict=True)]
     total = sum(delta) or 1
     return 1 - (delta[3] + delta[4]) / total, delta[7] / total
+
+
+def _own_wakeups() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
 
 
 def per_million(seconds: float, count: int) -> float | None:
@@ -706,11 +763,13 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     and how busy the machine was: where the cores went, in every run."""
     groups = {"api": server_pids(api), **(others or {})}
     before = {name: cpu_seconds(pids) for name, pids in groups.items()}
-    client_cpu, machine = time.process_time(), machine_ticks()
+    woken_before = {name: wakeups(pids) for name, pids in groups.items()}
+    client_cpu, client_woken, machine = time.process_time(), _own_wakeups(), machine_ticks()
     results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
-    client_cpu = time.process_time() - client_cpu
+    client_cpu, client_woken = time.process_time() - client_cpu, _own_wakeups() - client_woken
     busy, steal = machine_busy(machine, machine_ticks())
     used = {name: cpu_seconds(pids) - before[name] for name, pids in groups.items()}
+    woken = {name: wakeups(pids) - woken_before[name] for name, pids in groups.items()}
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:
     # GET /jobs/<id> answers from this very record, so that is when success became visible.
@@ -742,6 +801,9 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
             "api_cpu_us_per_req": per_million(used.pop("api"), len(results)),
             "client_cpu_us_per_req": per_million(client_cpu, len(results)),
             **{f"{name}_cpu_us_per_req": per_million(cpu, len(accepted)) for name, cpu in used.items()},
+            "api_wakeups_per_req": woken.pop("api") / len(results) if results else None,
+            "client_wakeups_per_req": client_woken / len(results) if results else None,
+            **{f"{name}_wakeups_per_req": count / len(accepted) if accepted else None for name, count in woken.items()},
             "machine_busy": busy, "machine_steal": steal,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
@@ -885,6 +947,9 @@ class Bench:
                 wait_until_quiet(others)
                 result = end_to_end(api, store, e2e_rate, p.e2e_seconds, e2e_others(stack, worker))
                 self.record("e2e", result)
+                # What a wake-up costs on this VM now, one at a time and back to back.
+                self.runs.setdefault("wakeup_trickle_cpu_us", []).append(wakeup_cost_us(WAKEUP_PROBE_RATE, 1.0)[0])
+                self.runs.setdefault("wakeup_back_to_back_cpu_us", []).append(wakeup_cost_us(None, 0.3)[0])
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
                     f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
             self.results["service_app_rss_mb"] = rss_mb(worker.proc.pid)
@@ -928,6 +993,12 @@ class Bench:
                for name in E2E_PROCESSES},
             "e2e_total_cpu_us_per_req": summary([sum(r.get(f"{name}_cpu_us_per_req") or 0 for name in E2E_PROCESSES)
                                                  for r in runs["e2e"]]),
+            **{f"e2e_{name}_wakeups_per_req": summary([r.get(f"{name}_wakeups_per_req") for r in runs["e2e"]])
+               for name in E2E_PROCESSES},
+            "e2e_total_wakeups_per_req": summary([sum(r.get(f"{name}_wakeups_per_req") or 0 for name in E2E_PROCESSES)
+                                                  for r in runs["e2e"]]),
+            "wakeup_trickle_cpu_us": summary(runs.get("wakeup_trickle_cpu_us", [])),
+            "wakeup_back_to_back_cpu_us": summary(runs.get("wakeup_back_to_back_cpu_us", [])),
             "e2e_machine_busy": summary([r["machine_busy"] for r in runs["e2e"]]),
             "e2e_machine_steal": summary([r["machine_steal"] for r in runs["e2e"]]),
             **{f"e2e_{name}_p{q}_ms": summary([r.get(f"{name}_p{q}_ms") for r in runs["e2e"]])
@@ -1034,6 +1105,10 @@ def table(r: dict[str, Any]) -> str:
          f"{fmt(r['e2e_total_cpu_us_per_req'])} µs (the runs' totals)",
          ", ".join(f"{name} {fmt(r[f'e2e_{name}_cpu_us_per_req'])}" for name in E2E_PROCESSES)
          + f"; the machine {fmt(r['e2e_machine_busy'], 2)} busy, steal {fmt(r['e2e_machine_steal'], 2)}"),
+        ("end to end, thread wake-ups per job",
+         f"{fmt(r['e2e_total_wakeups_per_req'])} (the runs' totals)",
+         ", ".join(f"{name} {fmt(r[f'e2e_{name}_wakeups_per_req'], 1)}" for name in E2E_PROCESSES)
+         + " (voluntary context switches: a thread slept and was woken)"),
         ("end to end, where the time goes (p50 / p99)",
          f"{fmt(r['e2e_to_created_p50_ms'], 1)} / {fmt(r['e2e_to_created_p99_ms'], 1)} ms to `created_at`",
          f"then {fmt(r['e2e_to_started_p50_ms'], 1)} / {fmt(r['e2e_to_started_p99_ms'], 1)} ms to `started_at` "
@@ -1057,9 +1132,16 @@ def speed_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if not loops:
         return []
     e2e = summary([ms for key, ms in loops if key == "e2e"])
-    return [("the VM's speed: a fixed Python loop's CPU time", f"{loops[0][1]:.0f} ms after the first run",
+    rows = [("the VM's speed: a fixed Python loop's CPU time", f"{loops[0][1]:.0f} ms after the first run",
              f"{fmt(e2e)} ms in the end-to-end phase; all phases {min(ms for _, ms in loops):.0f}–"
              f"{max(ms for _, ms in loops):.0f} ms (higher is slower)")]
+    trickle = r.get("wakeup_trickle_cpu_us") or {"median": None}
+    if trickle["median"] is not None:
+        rows.append(("the VM's cost of a wake-up: CPU per round trip between two threads",
+                     f"{fmt(trickle)} µs at {WAKEUP_PROBE_RATE:g}/s",
+                     f"{fmt(r['wakeup_back_to_back_cpu_us'])} µs back to back; measured after each "
+                     f"end-to-end run"))
+    return rows
 
 
 def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:

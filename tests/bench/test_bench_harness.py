@@ -5,7 +5,9 @@ Run by `make test` (pytest.ini's testpaths) and again by `make bench-smoke`."""
 import asyncio
 import contextlib
 import json
+import os
 import re
+import threading
 import time
 
 import pytest
@@ -258,11 +260,13 @@ def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_p
     e2e = {"rate": 50, "e2e_p50_ms": 3.0, "e2e_p99_ms": 9.0, "submit_p99_ms": 4.0, "not_succeeded": 0,
            "api_cpu_us_per_req": 1300.0, "worker_cpu_us_per_req": 600.0, "rabbitmq_cpu_us_per_req": 400.0,
            "redis_cpu_us_per_req": 140.0, "client_cpu_us_per_req": 160.0, "machine_busy": 0.7,
-           "machine_steal": 0.01}
+           "machine_steal": 0.01, "api_wakeups_per_req": 12.5, "worker_wakeups_per_req": 9.0,
+           "rabbitmq_wakeups_per_req": 20.0, "redis_wakeups_per_req": 3.0, "client_wakeups_per_req": 1.5}
     run = bench.Bench(bench.QUICK, tmp_path, peers=False)
     run.runs = {"noop": [http], "ingest": [http], "worker": [drain], "worker_tuned": [drain], "e2e": [e2e],
                 "raw_publish": [900.0], "raw_publish_sync": [300.0], "raw_consume": [800.0],
-                "raw_publish_rabbitmq_cpu_us": [80.0]}
+                "raw_publish_rabbitmq_cpu_us": [80.0], "wakeup_trickle_cpu_us": [250.0, 270.0, 290.0],
+                "wakeup_back_to_back_cpu_us": [35.0, 36.0, 40.0]}
     run.results = {"drain": drain, "gunicorn_worker_rss_mb": [60.0, 61.0], "service_app_rss_mb": 41.0,
                    "reference_loop_ms": [("noop", 40.0), ("ingest", 44.0), ("e2e", 61.0)]}
     result = run.summarise(bench.worker_settings(), bench.worker_settings())
@@ -270,5 +274,38 @@ def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_p
     rows = {line.split(" | ")[0].strip("| "): line for line in bench.table(result).splitlines()}
     cores = rows["end to end, where the cores go (CPU µs per job)"]
     assert "2,600 µs" in cores and "api 1,300" in cores and "client 160" in cores and "0.70 busy" in cores
+    woken = rows["end to end, thread wake-ups per job"]
+    assert "| 46 (the runs' totals)" in woken and "api 12.5" in woken and "rabbitmq 20.0" in woken
     speed = rows["the VM's speed: a fixed Python loop's CPU time"]
     assert "40 ms after the first run" in speed and "61 ms in the end-to-end phase" in speed
+    wakeup = rows["the VM's cost of a wake-up: CPU per round trip between two threads"]
+    assert "270 (250–290) µs at 50/s" in wakeup and "36 (35–40) µs back to back" in wakeup
+
+
+def test_wakeups_counts_each_time_a_thread_of_the_process_slept():
+    slept, done = threading.Event(), threading.Event()
+
+    def sleep_20_times() -> None:
+        for _ in range(20):
+            time.sleep(0.002)
+        slept.set()
+        done.wait(5)  # counted while it lives: an exited thread's count goes with it
+
+    before = bench.wakeups([os.getpid()])
+    sleeper = threading.Thread(target=sleep_20_times)
+    sleeper.start()
+    slept.wait(5)
+    try:
+        assert bench.wakeups([os.getpid()]) - before >= 20
+    finally:
+        done.set()
+        sleeper.join()
+    assert bench.wakeups([2 ** 22 + 1]) == 0  # no such process: nothing, not an error
+
+
+def test_the_wakeup_probe_runs_at_its_rate_and_reports_cpu_per_round_trip():
+    per_round_trip, count = bench.wakeup_cost_us(50, 0.4)
+    assert 15 <= count <= 21  # 0.4 s at 50/s
+    assert 0 < per_round_trip < 1e6 * 0.4 / count  # some CPU, and less than the wall time between them
+    back_to_back, many = bench.wakeup_cost_us(None, 0.1)
+    assert many > count and back_to_back > 0
