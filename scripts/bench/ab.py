@@ -92,7 +92,9 @@ def main() -> int:
                         results[name].append(r["rps"])
                         cpu[name].append(r["cpu_us_per_req"])
                         bench.log(f"{name}: {r['rps']:.0f} req/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms "
-                                  f"cpu {r['cpu_us_per_req']:.0f} us/req "
+                                  f"cpu {r['cpu_us_per_req']:.0f} us/req wake-ups/req {r['wakeups_per_req']:.1f} "
+                                  f"(RabbitMQ {r['wakeups_per_req_rabbitmq']:.1f}, "
+                                  f"Redis {r['wakeups_per_req_redis']:.1f}) "
                                   f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
                     elif args.what == "e2e":
                         worker = stack.worker(bench.bench_env(stack, **variants[name]), name=f"worker-{name}{i}")

@@ -227,15 +227,16 @@ def server_pids(app: App) -> list[int]:
 
 def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
     """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
-    RabbitMQ, Redis) spent per request."""
+    RabbitMQ, Redis) spent per request, and how many times their threads were woken per request."""
     wait_until_quiet(others or {})
     groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    before = {name: (cpu_seconds(pids), wakeups(pids)) for name, pids in groups.items()}
     result = run_wrk(app.url, seconds, connections)
     if result["requests"]:
         for name, pids in groups.items():
-            used = (cpu_seconds(pids) - before[name]) / result["requests"] * 1e6
-            result["cpu_us_per_req" if name == "app" else f"cpu_us_per_req_{name}"] = used
+            suffix = "" if name == "app" else f"_{name}"
+            result[f"cpu_us_per_req{suffix}"] = per_million(cpu_seconds(pids) - before[name][0], result["requests"])
+            result[f"wakeups_per_req{suffix}"] = (wakeups(pids) - before[name][1]) / result["requests"]
     return result
 
 
