@@ -230,13 +230,13 @@ def load(app: App, seconds: float, connections: int, others: dict[str, int] | No
     RabbitMQ, Redis) spent per request, and how many times their threads were woken per request."""
     wait_until_quiet(others or {})
     groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
-    before = {name: (cpu_seconds(pids), wakeups(pids)) for name, pids in groups.items()}
+    before = usage(groups)
     result = run_wrk(app.url, seconds, connections)
     if result["requests"]:
-        for name, pids in groups.items():
+        for name, (cpu, woken) in usage_since(before, groups).items():
             suffix = "" if name == "app" else f"_{name}"
-            result[f"cpu_us_per_req{suffix}"] = per_million(cpu_seconds(pids) - before[name][0], result["requests"])
-            result[f"wakeups_per_req{suffix}"] = (wakeups(pids) - before[name][1]) / result["requests"]
+            result[f"cpu_us_per_req{suffix}"] = per_million(cpu, result["requests"])
+            result[f"wakeups_per_req{suffix}"] = woken / result["requests"]
     return result
 
 
@@ -683,8 +683,8 @@ def reference_loop_ms() -> float:
 def wakeup_cost_us(rate: float | None, seconds: float) -> tuple[float, int]:
     """CPU µs per round trip between two threads of this process over a socket pair, and how many
     ran: one every 1/rate seconds (three wake-ups from sleep each: the timer, the echo, the answer;
-    a job at a trickle pays its wake-ups like this), or back to back (rate None: the threads seldom
-    sleep). What the VM charges for waking a thread, measured beside the run."""
+    a job at a trickle pays its wake-ups like this), or back to back (rate None: the vCPU never goes
+    idle between them). What the VM charges for waking a thread, measured beside the run."""
     ours, echoing = socket.socketpair()
 
     def echo() -> None:
@@ -729,6 +729,16 @@ def wakeups(pids: list[int]) -> int:
     return total
 
 
+def usage(groups: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
+    """Each group of processes' CPU seconds and thread wake-ups so far."""
+    return {name: (cpu_seconds(pids), wakeups(pids)) for name, pids in groups.items()}
+
+
+def usage_since(before: dict[str, tuple[float, int]], groups: dict[str, list[int]]) -> dict[str, tuple[float, int]]:
+    """Each group's CPU seconds and thread wake-ups since `before` (usage(groups) then)."""
+    return {name: (cpu - before[name][0], woken - before[name][1]) for name, (cpu, woken) in usage(groups).items()}
+
+
 def machine_ticks() -> list[int]:
     """The machine's CPU time so far, from /proc/stat: user nice system idle iowait irq softirq steal."""
     with open("/proc/stat") as stat:
@@ -763,14 +773,13 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     per request of the API, of `others` (the worker, RabbitMQ, Redis) and of this load generator,
     and how busy the machine was: where the cores went, in every run."""
     groups = {"api": server_pids(api), **(others or {})}
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
-    woken_before = {name: wakeups(pids) for name, pids in groups.items()}
+    before = usage(groups)
     client_cpu, client_woken, machine = time.process_time(), _own_wakeups(), machine_ticks()
     results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
     client_cpu, client_woken = time.process_time() - client_cpu, _own_wakeups() - client_woken
     busy, steal = machine_busy(machine, machine_ticks())
-    used = {name: cpu_seconds(pids) - before[name] for name, pids in groups.items()}
-    woken = {name: wakeups(pids) - woken_before[name] for name, pids in groups.items()}
+    used = usage_since(before, groups)
+    api_cpu, api_woken = used.pop("api")
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:
     # GET /jobs/<id> answers from this very record, so that is when success became visible.
@@ -799,12 +808,13 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     submit = [r[3] * 1000 for r in accepted]
     return {"rate": rate, "sent": len(results), "accepted": len(accepted), "not_succeeded": pending,
             # The API and the client per request sent; the rest per job accepted (each ran once).
-            "api_cpu_us_per_req": per_million(used.pop("api"), len(results)),
+            "api_cpu_us_per_req": per_million(api_cpu, len(results)),
             "client_cpu_us_per_req": per_million(client_cpu, len(results)),
-            **{f"{name}_cpu_us_per_req": per_million(cpu, len(accepted)) for name, cpu in used.items()},
-            "api_wakeups_per_req": woken.pop("api") / len(results) if results else None,
+            **{f"{name}_cpu_us_per_req": per_million(cpu, len(accepted)) for name, (cpu, _) in used.items()},
+            "api_wakeups_per_req": api_woken / len(results) if results else None,
             "client_wakeups_per_req": client_woken / len(results) if results else None,
-            **{f"{name}_wakeups_per_req": count / len(accepted) if accepted else None for name, count in woken.items()},
+            **{f"{name}_wakeups_per_req": woken / len(accepted) if accepted else None
+               for name, (_, woken) in used.items()},
             "machine_busy": busy, "machine_steal": steal,
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
