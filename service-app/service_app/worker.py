@@ -58,7 +58,7 @@ class Worker:
         self._connection: pika.BlockingConnection | None = None
         self.retries = RetryPublisher(settings.rabbitmq_url)
         self.runner = JobRunner(settings, store, self.retries, self.abandon)
-        self.ledger = Ledger(self.connected)
+        self.ledger = Ledger(self.connected, settings.prefetch)
         self.beat = lambda: None
         metrics.initialise(HANDLERS)
         metrics.CONCURRENCY.set(settings.concurrency)
@@ -119,7 +119,7 @@ class Worker:
                  self.settings.prefetch)
         while not self.stopping.is_set():
             self.beat()
-            self._connection.process_data_events(time_limit=0.5)
+            self._connection.process_data_events(time_limit=self.ledger.before_wait(idle_wait=0.5))
             self.retries.keep_alive()
             # The connection's event loop does not raise when only a channel dies (e.g.
             # consumer_timeout) or the broker cancels the consumer (queue deleted): check.
@@ -127,8 +127,6 @@ class Worker:
                 raise ConsumerLost("the broker closed the channel")
             if cancelled.is_set():
                 raise ConsumerLost("the broker cancelled the consumer")
-            if self.ledger.has_finished():  # a wake-up may have been lost with an earlier connection
-                self.ledger.settle_finished()
 
     def _drain(self) -> None:
         """Stop taking messages, let running jobs finish within the grace period, then close.
@@ -142,7 +140,7 @@ class Worker:
             while time.monotonic() < deadline and self.ledger.in_hand() > 0:
                 self.beat()
                 if connection is not None and connection.is_open:
-                    connection.process_data_events(time_limit=0.1)
+                    connection.process_data_events(time_limit=self.ledger.before_wait(idle_wait=0.1))
                 else:
                     # The connection is gone: what finished has nothing left to settle (the broker
                     # requeued it); only jobs still running are waited for.

@@ -378,7 +378,7 @@ def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
         def __getattr__(self, name):
             return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
 
-    ledger = Ledger(threading.Event())
+    ledger = Ledger(threading.Event(), prefetch=16)
     channel = Channel()
     generation = ledger.open(channel)
     ledger.taken(generation, 7)
