@@ -25,9 +25,10 @@ class Handoff(Generic[T]):
         self._woken: object | None = None
 
     def put(self, item: T, loop: object, wake: Callable[[], None]) -> None:
-        """Queue item for `loop` (any thread). wake() must schedule take() on the loop's thread;
-        it is called unless that loop has a wake-up pending. If it raises, the loop is gone: the
-        items wait for the next loop (which drains on start and on its own timer)."""
+        """Queue item for `loop` (any thread). wake() must schedule take() on the loop's thread,
+        or may leave it to a pass the loop is sure to make soon (it then counts as pending until
+        that take()); it is called unless that loop has a wake-up pending. If it raises, the loop
+        is gone: the items wait for the next loop (which drains on start and on its own timer)."""
         self._items.append(item)
         with self._lock:
             if self._woken is loop:
