@@ -26,17 +26,21 @@ class Handoff(Generic[T]):
 
     def put(self, item: T, loop: object, wake: Callable[[], None]) -> None:
         """Queue item for `loop` (any thread). wake() must schedule take() on the loop's thread,
-        or may leave it to a pass the loop is sure to make soon (it then counts as pending until
-        that take()); it is called unless that loop has a wake-up pending. If it raises, the loop
-        is gone: the items wait for the next loop (which drains on start and on its own timer)."""
+        or return False to leave it to a pass the loop is sure to make soon; it is called unless
+        that loop has a wake-up pending. If it raises, the loop is gone: the items wait for the
+        next loop (which drains on start and on its own timer)."""
         self._items.append(item)
         with self._lock:
             if self._woken is loop:
                 return
             self._woken = loop
         try:
-            wake()
+            sent = wake() is not False
         except Exception:
+            sent = False
+        if not sent:
+            # No wake-up is pending after all: the next put must decide again (the loop's pass
+            # may already have taken this item before the flag was set).
             with self._lock:
                 if self._woken is loop:
                     self._woken = None

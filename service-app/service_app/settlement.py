@@ -3,13 +3,14 @@ hand, the channel's unacked delivery tags, and the settlements job threads hand 
 by the main thread in batches (one wake-up of the connection for many, one `multiple` ack where
 the tags allow).
 
-While messages are in hand and few of them, a settlement is not worth a wake-up of its own:
-the main thread waits for I/O at most SETTLE_DELAY then, and settles whatever finished on its
-next pass, which a delivery usually brings sooner. So at a steady trickle the acks of several
-jobs go in one `multiple` ack, on a pass the main thread makes anyway, and the quorum queue
-writes fewer settlements. Job threads still wake it when it waits longer (nothing in hand
-lately, e.g. a long job) or when half the prefetch window is in hand (the broker would soon
-stop sending).
+At a steady rate a settlement is not worth a wake-up of its own: while messages are in hand
+and deliveries come often, the main thread waits for I/O at most SETTLE_DELAY and settles
+whatever finished on every pass, which the next delivery usually brings sooner. So the acks of
+several jobs go in one `multiple` ack, on passes the main thread makes anyway, and the quorum
+queue writes fewer settlements. Job threads still wake it when its wait is longer (no delivery
+lately: a quiet queue, long jobs) or when half the prefetch window is in hand (the broker would
+soon stop sending), so it polls at most 1/SETTLE_DELAY times a second, and only for BUSY_SPELL
+after each delivery.
 
 A connection is a generation: a settlement for a message of an earlier connection is dropped
 (the broker requeued that message when the connection went; its redelivery finds the outcome
@@ -43,10 +44,10 @@ class Settlement:
     reason: DeadLetterReason | None = None  # DEAD: why
 
 
-# How long a settlement may wait for the main thread's next pass, and how long after the last
-# delivery or settlement the main thread keeps waking that often while messages are in hand.
+# How long a settlement may wait for the main thread's next pass, and how long after a delivery
+# the main thread keeps waking that often while messages are in hand.
 SETTLE_DELAY = 0.005
-BUSY_SPELL = 0.1
+BUSY_SPELL = 0.02
 
 
 class Ledger:
@@ -63,7 +64,7 @@ class Ledger:
         # has no recorded outcome.
         self._unacked: set[int] = set()
         self._finished: Handoff[tuple[int, int, Settlement]] = Handoff()
-        self._active_at = 0.0  # main thread: the last delivery or settlement
+        self._delivered_at = 0.0  # main thread: the last delivery
         # When the main thread's current wait for I/O ends at the latest (read by job threads).
         self._next_pass_by = 0.0
         self.channel = None
@@ -88,14 +89,14 @@ class Ledger:
         with self._lock:
             self._in_hand[generation] = self._in_hand.get(generation, 0) + 1
         self._unacked.add(delivery_tag)
-        self._active_at = time.monotonic()
+        self._delivered_at = time.monotonic()
 
     def before_wait(self, idle_wait: float) -> float:
         """Before the main thread waits for I/O: settle what finished and return how long it may
-        wait: SETTLE_DELAY while messages are in hand and deliveries or settlements came lately,
-        else idle_wait (a job thread then wakes it to settle)."""
+        wait: SETTLE_DELAY while messages are in hand and a delivery came lately, else idle_wait
+        (a job thread then wakes it to settle)."""
         now = time.monotonic()
-        wait = SETTLE_DELAY if self.in_hand() and now - self._active_at < BUSY_SPELL else idle_wait
+        wait = SETTLE_DELAY if self.in_hand() and now - self._delivered_at < BUSY_SPELL else idle_wait
         # Published before looking for settlements: one handed back after this sees the new
         # time; one handed back before it is taken just below.
         self._next_pass_by = now + wait
@@ -111,7 +112,6 @@ class Ledger:
         acks: list[int] = []
         try:
             for generation, delivery_tag, settlement in self._finished.take():
-                self._active_at = time.monotonic()
                 if self._apply(generation, delivery_tag, settlement):
                     acks.append(delivery_tag)
         finally:  # whatever goes wrong with one message, the batch's acks are sent
@@ -186,7 +186,9 @@ class Ledger:
         # If that connection is closed, the consume loop settles what is left.
         self._finished.put((generation, delivery_tag, settlement), connection, lambda: self._wake(connection))
 
-    def _wake(self, connection) -> None:
-        """Have the main thread settle now, unless its next pass comes soon enough anyway."""
+    def _wake(self, connection) -> bool:
+        """Have the main thread settle now, unless its next pass comes soon enough anyway (False)."""
         if self._next_pass_by - time.monotonic() > SETTLE_DELAY or self.in_hand() >= self._wake_at_in_hand:
             connection.add_callback_threadsafe(self.settle_finished)
+            return True
+        return False

@@ -6,7 +6,7 @@ import pytest
 
 from jobs_contract import JOB_TYPES, JobMessage, Limits, PoisonMessage, ValidationFailed, topology
 from jobs_contract.catalog import RequestValidator
-from jobs_contract.handoff import Reply
+from jobs_contract.handoff import Handoff, Reply
 from jobs_contract.message import HEADER_ATTEMPT, HEADER_SCHEMA_VERSION
 
 validator = RequestValidator(Limits(max_sleep_seconds=10, max_cpu_ms=1000, max_fail_times=3))
@@ -211,6 +211,37 @@ def test_a_cancelled_reply_is_never_taken():
     assert not reply.set_running_or_notify_cancel()
     with pytest.raises(InvalidStateError):
         reply.set_result("late")
+
+
+def test_one_wake_up_carries_many_items_until_the_loop_takes_them():
+    handoff, loop, wakes = Handoff(), object(), []
+    for item in (1, 2, 3):
+        handoff.put(item, loop, lambda: wakes.append(True))
+    assert len(wakes) == 1
+    assert list(handoff.take()) == [1, 2, 3]
+    handoff.put(4, loop, lambda: wakes.append(True))
+    assert len(wakes) == 2
+
+
+def test_a_wake_up_left_to_the_loop_is_not_pending():
+    """A wake() that returns False sent nothing: the next put must decide again (the loop's pass
+    may have taken the first item already, and may now wait long)."""
+    handoff, loop, wakes = Handoff(), object(), []
+    handoff.put(1, loop, lambda: False)
+    handoff.put(2, loop, lambda: wakes.append(True))
+    assert wakes == [True]
+    assert list(handoff.take()) == [1, 2]
+
+
+def test_a_wake_up_that_fails_is_not_pending_and_the_items_wait():
+    handoff, loop, wakes = Handoff(), object(), []
+
+    def loop_gone():
+        raise RuntimeError("connection closed")
+
+    handoff.put(1, loop, loop_gone)
+    handoff.put(2, loop, lambda: wakes.append(True))
+    assert wakes == [True] and len(handoff) == 2
 
 
 def test_utcnow_is_isoformat_to_the_millisecond(monkeypatch):

@@ -2,6 +2,7 @@
 loop's next pass (service_app.settlement)."""
 
 import threading
+import time
 
 import pytest
 
@@ -101,3 +102,18 @@ def test_settlements_of_a_lost_connection_are_dropped_not_acked_on_the_next(ledg
     ledger.before_wait(idle_wait=0.5)
     assert old_channel.calls == [] and new_channel.calls == []
     assert ledger.in_hand() == 0
+
+
+def test_only_deliveries_keep_the_loop_waking_often(ledger):
+    """With a long job in hand, the loop polls for BUSY_SPELL after the last delivery, then waits
+    long; settlements do not extend the spell (so slow jobs at a low rate cost few passes)."""
+    generation, channel = deliver(ledger, 1, 2)
+    assert ledger.before_wait(idle_wait=0.5) == SETTLE_DELAY
+    time.sleep(settlement.BUSY_SPELL + 0.01)
+    connection = Connection()
+    ledger.hand_back(generation, 1, ACK, connection)
+    ledger.before_wait(idle_wait=0.5)
+    assert channel.calls == [("basic_ack", (1,), {"multiple": False})]
+    assert ledger.before_wait(idle_wait=0.5) == 0.5  # job 2 still runs; nothing delivered lately
+    ledger.hand_back(generation, 2, ACK, connection)
+    assert len(connection.wakes) == 1  # so its settlement wakes the loop
