@@ -24,7 +24,7 @@ class Handoff(Generic[T]):
         # The loop that was last sent a wake-up it has not acted on yet.
         self._woken: object | None = None
 
-    def put(self, item: T, loop: object, wake: Callable[[], None]) -> None:
+    def put(self, item: T, loop: object, wake: Callable[[], bool | None]) -> None:
         """Queue item for `loop` (any thread). wake() must schedule take() on the loop's thread,
         or return False to leave it to a pass the loop is sure to make soon; it is called unless
         that loop has a wake-up pending. If it raises, the loop is gone: the items wait for the

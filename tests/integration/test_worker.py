@@ -361,31 +361,6 @@ def test_past_the_redelivery_limit_a_job_that_already_succeeded_is_not_counted_f
     assert queue_depth(amqp, topology.DEAD_LETTER_QUEUE) == 0
 
 
-def test_a_message_is_requeued_with_basic_reject(store, monkeypatch):
-    """Requeueing uses basic.reject: from RabbitMQ 4.3 a requeueing basic.nack no longer raises a
-    quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
-    (The 3.10 broker of these tests counts both, so this is pinned at the call.)"""
-    import threading
-
-    from service_app.settlement import Ledger, SettleAction, Settlement
-
-    class Channel:
-        is_open = True
-
-        def __init__(self):
-            self.calls = []
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
-
-    ledger = Ledger(threading.Event(), prefetch=16)
-    channel = Channel()
-    generation = ledger.open(channel)
-    ledger.taken(generation, 7)
-    assert ledger._apply(generation, 7, Settlement(SettleAction.REQUEUE)) is False
-    assert channel.calls == [("basic_reject", (7,), {"requeue": True})]
-
-
 def test_an_outcome_and_the_next_jobs_start_in_one_round_trip(store, redis_client):
     """succeed_and_begin answers as succeed() then begin() would, in that order."""
     first, second = new_job(store, "echo", {}), new_job(store, "echo", {})

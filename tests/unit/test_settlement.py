@@ -117,3 +117,12 @@ def test_only_deliveries_keep_the_loop_waking_often(ledger):
     assert ledger.before_wait(idle_wait=0.5) == 0.5  # job 2 still runs; nothing delivered lately
     ledger.hand_back(generation, 2, ACK, connection)
     assert len(connection.wakes) == 1  # so its settlement wakes the loop
+
+
+def test_a_message_is_requeued_with_basic_reject(ledger):
+    """Requeueing uses basic.reject: from RabbitMQ 4.3 a requeueing basic.nack no longer raises a
+    quorum queue's x-delivery-count, which MAX_REDELIVERIES and the queue's delivery limit count on.
+    (The 3.10 broker of the integration tests counts both, so this is pinned at the call.)"""
+    generation, channel = deliver(ledger, 7)
+    assert ledger._apply(generation, 7, Settlement(SettleAction.REQUEUE)) is False
+    assert channel.calls == [("basic_reject", (7,), {"requeue": True})]
