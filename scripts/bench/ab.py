@@ -95,6 +95,7 @@ def main() -> int:
                                   f"cpu {r['cpu_us_per_req']:.0f} us/req wake-ups/req {r['wakeups_per_req']:.1f} "
                                   f"(RabbitMQ {r['wakeups_per_req_rabbitmq']:.1f}, "
                                   f"Redis {r['wakeups_per_req_redis']:.1f}) "
+                                  f"connections per worker {bench.split_text(r)} "
                                   f"non-2xx {r['non_2xx'] + r['socket_errors']} load {os.getloadavg()[0]:.1f}")
                     elif args.what == "e2e":
                         worker = stack.worker(bench.bench_env(stack, **variants[name]), name=f"worker-{name}{i}")

@@ -81,6 +81,7 @@ PEER_LABELS = {
     "peer_celery_worker": "peer: Celery worker (acks_late, track_started, Redis results)",
     "peer_dramatiq_worker": "peer: Dramatiq worker (Redis results backend)",
 }
+PEER_SHORT_NAMES = {"peer_celery": "Celery", "peer_dramatiq": "Dramatiq", "peer_naive": "naive"}
 
 
 @dataclass
@@ -225,19 +226,79 @@ def server_pids(app: App) -> list[int]:
     return [app.proc.pid, *app.proc.children()]
 
 
+def established_connections(pids: list[int], port: int) -> list[int]:
+    """How many established TCP connections to local `port` each of these processes holds: how
+    the kernel split a client's connections over gunicorn's workers."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 01: ESTABLISHED
+                inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        count = 0
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    count += 1
+        except OSError:
+            pass
+        counts.append(count)
+    return counts
+
+
 def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
     """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
-    RabbitMQ, Redis) spent per request, and how many times their threads were woken per request."""
+    RabbitMQ, Redis) spent per request, how many times their threads were woken per request,
+    and, per gunicorn worker, how many of wrk's connections it held (counted mid-run) and its
+    CPU per request of all (`connections_per_worker`, `cpu_us_per_req_per_worker`, in the same
+    order, the busiest worker first)."""
     wait_until_quiet(others or {})
-    groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
+    workers = app.proc.children()
+    groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()},
+              **{f"worker{i}": [pid] for i, pid in enumerate(workers)}}
     before = usage(groups)
-    result = run_wrk(app.url, seconds, connections)
+    split: list[int] = []
+    counter = threading.Timer(seconds / 2, lambda: split.extend(
+        established_connections(workers, app.port or 0)))
+    counter.start()
+    try:
+        result = run_wrk(app.url, seconds, connections)
+    finally:
+        counter.cancel()
+        counter.join()
     if result["requests"]:
+        per_worker = []
         for name, (cpu, woken) in usage_since(before, groups).items():
+            if name.startswith("worker"):
+                per_worker.append(per_million(cpu, result["requests"]))
+                continue
             suffix = "" if name == "app" else f"_{name}"
             result[f"cpu_us_per_req{suffix}"] = per_million(cpu, result["requests"])
             result[f"wakeups_per_req{suffix}"] = woken / result["requests"]
+        if split and len(split) == len(per_worker):
+            order = sorted(range(len(split)), key=lambda i: (split[i], per_worker[i] or 0), reverse=True)
+            result["connections_per_worker"] = [split[i] for i in order]
+            result["cpu_us_per_req_per_worker"] = [per_worker[i] for i in order]
     return result
+
+
+def split_text(result: dict[str, Any]) -> str:
+    """wrk's connections over the gunicorn workers, with each worker's CPU per request: `11/5 (620/410 µs)`."""
+    split = result.get("connections_per_worker")
+    if not split:
+        return "n/a"
+    cpu = "/".join(f"{us or 0:.0f}" for us in result["cpu_us_per_req_per_worker"])
+    return "/".join(str(n) for n in split) + f" ({cpu} µs)"
 
 
 def worker_rss(app: App) -> list[float]:
@@ -876,7 +937,8 @@ class Bench:
                         f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']} "
                         f"CPU us/req: app {result.get('cpu_us_per_req', 0):.0f}, "
                         f"RabbitMQ {result.get('cpu_us_per_req_rabbitmq', 0):.0f}, "
-                        f"Redis {result.get('cpu_us_per_req_redis', 0):.0f}")
+                        f"Redis {result.get('cpu_us_per_req_redis', 0):.0f}; "
+                        f"connections per worker {split_text(result)}")
                     self.record(name, result)
                     if name != "noop":
                         self.reset(rabbit.url, store)
@@ -886,7 +948,11 @@ class Bench:
                     for name, server in servers[1:] if i % 2 == 0 else servers[:0:-1]:
                         result = load(server, p.http_seconds, 16, others)
                         log(f"{name} -c16: {result['rps']:.0f} req/s p50 {result['p50_ms']:.2f} ms "
-                            f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']}")
+                            f"p99 {result['p99_ms']:.2f} ms non-2xx {result['non_2xx']} "
+                            f"CPU us/req: app {result.get('cpu_us_per_req', 0):.0f}, "
+                            f"RabbitMQ {result.get('cpu_us_per_req_rabbitmq', 0):.0f}, "
+                            f"Redis {result.get('cpu_us_per_req_redis', 0):.0f}; "
+                            f"connections per worker {split_text(result)}")
                         self.record(f"{name}_c16", result)
                         self.reset(rabbit.url, store)
             for name, server in servers:
@@ -1164,6 +1230,14 @@ def peer_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"p50 {fmt(r[f'{name}_p50_ms'], 2)} ms, p99 {fmt(r[f'{name}_p99_ms'], 2)} ms, "
                      f"non-2xx {r[f'{name}_non_2xx']}; CPU {fmt(r[f'{name}_cpu_us_per_req'])} µs/req; "
                      f"-c16 {fmt(r[f'{name}_c16_rps'])} req/s"))
+    runs = r.get("runs", {})
+    if runs.get("ingest_c16"):
+        def splits(name: str) -> str:
+            return ", ".join(split_text(x) for x in runs.get(name, []))
+
+        rows.append(("-c16: wrk's connections per gunicorn worker, each run (and each worker's CPU per request)",
+                     f"ours {splits('ingest_c16')}",
+                     "; ".join(f"{PEER_SHORT_NAMES[name]} {splits(f'{name}_c16')}" for name in PEER_PRODUCERS)))
     for name in PEER_WORKERS:
         rows.append((PEER_LABELS[name], f"{fmt(r[f'{name}_jobs_s'])} jobs/s",
                      f"1 process, {r['concurrency']} threads, prefetch {r['prefetch']}; "

@@ -309,3 +309,39 @@ def test_the_wakeup_probe_runs_at_its_rate_and_reports_cpu_per_round_trip():
     assert 0 < per_round_trip < 1e6 * 0.4 / count  # some CPU, and less than the wall time between them
     back_to_back, many = bench.wakeup_cost_us(None, 0.1)
     assert many > count and back_to_back > 0
+
+
+def test_established_connections_counts_each_process_own_accepted_sockets():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            # the clients' own ends have another local port: only the 3 accepted sockets count
+            assert bench.established_connections([os.getpid(), other.pid], port) == [3, 0]
+            accepted[0].close()
+            clients[0].close()
+            assert bench.established_connections([os.getpid()], port) == [2]
+        finally:
+            other.kill()
+            other.wait()
+            for s in clients + accepted:
+                s.close()
+
+
+def test_the_table_shows_how_wrk_split_its_c16_connections_over_the_workers():
+    producers = {"peer_celery": 100.0, "peer_dramatiq": 400.0, "peer_naive": 200.0}
+    runs = _runs(200.0, 100.0, producers, {"peer_celery_worker": 50.0, "peer_dramatiq_worker": 25.0})
+    runs["ingest_c16"] = [{"rps": 100.0, "connections_per_worker": [11, 5],
+                           "cpu_us_per_req_per_worker": [612.4, 388.0]}, {"rps": 100.0}]
+    runs["peer_naive_c16"][0].update(connections_per_worker=[8, 8], cpu_us_per_req_per_worker=[500.0, 499.0])
+    result = {"runs": runs, "concurrency": 4, "prefetch": 16, **bench.peer_summary(runs)}
+    rows = {a: (b, c) for a, b, c in bench.peer_rows(result)}
+    ours, peers = rows["-c16: wrk's connections per gunicorn worker, each run (and each worker's CPU per request)"]
+    assert ours == "ours 11/5 (612/388 µs), n/a"
+    assert "naive 8/8 (500/499 µs)" in peers and "Celery n/a" in peers
