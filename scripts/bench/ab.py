@@ -116,7 +116,8 @@ def main() -> int:
                                   + ", wake-ups/req: "
                                   + ", ".join(f"{p} {r[f'{p}_wakeups_per_req'] or 0:.1f}" for p in bench.E2E_PROCESSES)
                                   + f", machine busy {r['machine_busy']:.2f} steal {r['machine_steal']:.2f}, "
-                                  f"not succeeded {r['not_succeeded']} "
+                                  f"not succeeded {r['not_succeeded']}, "
+                                  f"connections per API worker {bench.split_text(r, 'api_')} "
                                   f"load {os.getloadavg()[0]:.1f}")
                     elif name == "B" and args.peer_b:
                         peer = bench.PEER_WORKERS[args.peer_b]

@@ -256,48 +256,56 @@ def established_connections(pids: list[int], port: int) -> list[int]:
     return counts
 
 
+@contextmanager
+def counting_split(workers: list[int], port: int, after: float) -> Iterator[list[int]]:
+    """Count, once, `after` seconds in, how many of a client's connections to `port` each gunicorn
+    worker holds; the list is filled in then (empty if the block ended first)."""
+    split: list[int] = []
+    timer = threading.Timer(after, lambda: split.extend(established_connections(workers, port)))
+    timer.start()
+    try:
+        yield split
+    finally:
+        timer.cancel()
+        timer.join()
+
+
+def per_worker(split: list[int], cpu_us: list[float | None]) -> dict[str, list]:
+    """`connections_per_worker` and `cpu_us_per_req_per_worker`, in the same order, the busiest worker first."""
+    if not split or len(split) != len(cpu_us):
+        return {}
+    order = sorted(range(len(split)), key=lambda i: (split[i], cpu_us[i] or 0), reverse=True)
+    return {"connections_per_worker": [split[i] for i in order],
+            "cpu_us_per_req_per_worker": [cpu_us[i] for i in order]}
+
+
 def load(app: App, seconds: float, connections: int, others: dict[str, int] | None = None) -> dict[str, Any]:
     """wrk against POST /jobs, plus the CPU time the server's processes (and `others`:
     RabbitMQ, Redis) spent per request, how many times their threads were woken per request,
-    and, per gunicorn worker, how many of wrk's connections it held (counted mid-run) and its
-    CPU per request of all (`connections_per_worker`, `cpu_us_per_req_per_worker`, in the same
-    order, the busiest worker first)."""
+    and how wrk's connections were split over the gunicorn workers (`per_worker`)."""
     wait_until_quiet(others or {})
     workers = app.proc.children()
-    groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()},
-              **{f"worker{i}": [pid] for i, pid in enumerate(workers)}}
-    before = usage(groups)
-    split: list[int] = []
-    counter = threading.Timer(seconds / 2, lambda: split.extend(
-        established_connections(workers, app.port or 0)))
-    counter.start()
-    try:
+    groups = {"app": server_pids(app), **{name: [pid] for name, pid in (others or {}).items()}}
+    before, before_workers = usage(groups), [cpu_seconds([pid]) for pid in workers]
+    with counting_split(workers, app.port or 0, seconds / 2) as split:
         result = run_wrk(app.url, seconds, connections)
-    finally:
-        counter.cancel()
-        counter.join()
     if result["requests"]:
-        per_worker = []
         for name, (cpu, woken) in usage_since(before, groups).items():
-            if name.startswith("worker"):
-                per_worker.append(per_million(cpu, result["requests"]))
-                continue
             suffix = "" if name == "app" else f"_{name}"
             result[f"cpu_us_per_req{suffix}"] = per_million(cpu, result["requests"])
             result[f"wakeups_per_req{suffix}"] = woken / result["requests"]
-        if split and len(split) == len(per_worker):
-            order = sorted(range(len(split)), key=lambda i: (split[i], per_worker[i] or 0), reverse=True)
-            result["connections_per_worker"] = [split[i] for i in order]
-            result["cpu_us_per_req_per_worker"] = [per_worker[i] for i in order]
+        result.update(per_worker(split, [per_million(cpu_seconds([pid]) - cpu, result["requests"])
+                                         for pid, cpu in zip(workers, before_workers, strict=True)]))
     return result
 
 
-def split_text(result: dict[str, Any]) -> str:
-    """wrk's connections over the gunicorn workers, with each worker's CPU per request: `11/5 (620/410 µs)`."""
-    split = result.get("connections_per_worker")
+def split_text(result: dict[str, Any], prefix: str = "") -> str:
+    """A client's connections over the gunicorn workers, with each worker's CPU per request of
+    all: `11/5 (620/410 µs)`."""
+    split = result.get(f"{prefix}connections_per_worker")
     if not split:
         return "n/a"
-    cpu = "/".join(f"{us or 0:.0f}" for us in result["cpu_us_per_req_per_worker"])
+    cpu = "/".join(f"{us or 0:.0f}" for us in result[f"{prefix}cpu_us_per_req_per_worker"])
     return "/".join(str(n) for n in split) + f" ({cpu} µs)"
 
 
@@ -834,9 +842,13 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     per request of the API, of `others` (the worker, RabbitMQ, Redis) and of this load generator,
     and how busy the machine was: where the cores went, in every run."""
     groups = {"api": server_pids(api), **(others or {})}
-    before = usage(groups)
+    workers = api.proc.children()
+    before, before_workers = usage(groups), [cpu_seconds([pid]) for pid in workers]
     client_cpu, client_woken, machine = time.process_time(), _own_wakeups(), machine_ticks()
-    results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
+    with counting_split(workers, api.port or 0, seconds / 2) as split:
+        results = asyncio.run(open_loop("127.0.0.1", api.port, rate, seconds))
+    api_split = per_worker(split, [per_million(cpu_seconds([pid]) - cpu, len(results))
+                                   for pid, cpu in zip(workers, before_workers, strict=True)])
     client_cpu, client_woken = time.process_time() - client_cpu, _own_wakeups() - client_woken
     busy, steal = machine_busy(machine, machine_ticks())
     used = usage_since(before, groups)
@@ -877,6 +889,8 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
             **{f"{name}_wakeups_per_req": woken / len(accepted) if accepted else None
                for name, (_, woken) in used.items()},
             "machine_busy": busy, "machine_steal": steal,
+            # How the client's connections were split over the API's gunicorn workers.
+            **{f"api_{key}": value for key, value in api_split.items()},
             "e2e_p50_ms": percentile(e2e, 50), "e2e_p99_ms": percentile(e2e, 99), "e2e_max_ms": max(e2e, default=None),
             "submit_p50_ms": percentile(submit, 50), "submit_p99_ms": percentile(submit, 99),
             **{f"{name}_p{q}_ms": percentile(segments[name], q) for name in ("to_created", "to_started", "to_finished")
@@ -1028,7 +1042,8 @@ class Bench:
                 self.runs.setdefault("wakeup_trickle_cpu_us", []).append(wakeup_cost_us(WAKEUP_PROBE_RATE, 1.0)[0])
                 self.runs.setdefault("wakeup_back_to_back_cpu_us", []).append(wakeup_cost_us(None, 0.3)[0])
                 log(f"e2e at {e2e_rate}/s: p50 {result['e2e_p50_ms']:.1f} ms p99 {result['e2e_p99_ms']:.1f} ms "
-                    f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded)")
+                    f"({result['accepted']} accepted, {result['not_succeeded']} not succeeded); "
+                    f"the client's connections per API worker {split_text(result, 'api_')}")
             self.results["service_app_rss_mb"] = rss_mb(worker.proc.pid)
             self.results["gunicorn_worker_rss_mb"] = worker_rss(api)
         self.results["elapsed_s"] = time.time() - started
@@ -1182,6 +1197,8 @@ def table(r: dict[str, Any]) -> str:
          f"{fmt(r['e2e_total_cpu_us_per_req'])} µs (the runs' totals)",
          ", ".join(f"{name} {fmt(r[f'e2e_{name}_cpu_us_per_req'])}" for name in E2E_PROCESSES)
          + f"; the machine {fmt(r['e2e_machine_busy'], 2)} busy, steal {fmt(r['e2e_machine_steal'], 2)}"),
+        ("end to end, the client's connections per API worker, each run (and each worker's CPU per request)",
+         ", ".join(split_text(x, "api_") for x in r["runs"]["e2e"]), "counted mid-run; the busiest worker first"),
         ("end to end, thread wake-ups per job",
          f"{fmt(r['e2e_total_wakeups_per_req'])} (the runs' totals)",
          ", ".join(f"{name} {fmt(r[f'e2e_{name}_wakeups_per_req'], 1)}" for name in E2E_PROCESSES)

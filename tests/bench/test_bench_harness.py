@@ -261,7 +261,8 @@ def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_p
            "api_cpu_us_per_req": 1300.0, "worker_cpu_us_per_req": 600.0, "rabbitmq_cpu_us_per_req": 400.0,
            "redis_cpu_us_per_req": 140.0, "client_cpu_us_per_req": 160.0, "machine_busy": 0.7,
            "machine_steal": 0.01, "api_wakeups_per_req": 12.5, "worker_wakeups_per_req": 9.0,
-           "rabbitmq_wakeups_per_req": 20.0, "redis_wakeups_per_req": 3.0, "client_wakeups_per_req": 1.5}
+           "rabbitmq_wakeups_per_req": 20.0, "redis_wakeups_per_req": 3.0, "client_wakeups_per_req": 1.5,
+           "api_connections_per_worker": [40, 24], "api_cpu_us_per_req_per_worker": [800.0, 500.0]}
     run = bench.Bench(bench.QUICK, tmp_path, peers=False)
     run.runs = {"noop": [http], "ingest": [http], "worker": [drain], "worker_tuned": [drain], "e2e": [e2e],
                 "raw_publish": [900.0], "raw_publish_sync": [300.0], "raw_consume": [800.0],
@@ -274,6 +275,8 @@ def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_p
     rows = {line.split(" | ")[0].strip("| "): line for line in bench.table(result).splitlines()}
     cores = rows["end to end, where the cores go (CPU µs per job)"]
     assert "2,600 µs" in cores and "api 1,300" in cores and "client 160" in cores and "0.70 busy" in cores
+    split = rows["end to end, the client's connections per API worker, each run (and each worker's CPU per request)"]
+    assert "| 40/24 (800/500 µs) |" in split
     woken = rows["end to end, thread wake-ups per job"]
     assert "| 46 (the runs' totals)" in woken and "api 12.5" in woken and "rabbitmq 20.0" in woken
     speed = rows["the VM's speed: a fixed Python loop's CPU time"]
