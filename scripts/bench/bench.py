@@ -639,7 +639,7 @@ async def open_loop(host: str, port: int, rate: float, seconds: float, connectio
     idle: collections.deque[OpenLoopConnection] = collections.deque()  # oldest-used first
     overdue: collections.deque[int] = collections.deque()  # due, but every connection was busy
     finished = loop.create_future()
-    start_mono = start_wall = 0.0
+    start_mono = 0.0
 
     def fail(error: Exception) -> None:
         if not finished.done():
@@ -647,13 +647,19 @@ async def open_loop(host: str, port: int, rate: float, seconds: float, connectio
 
     def send(conn: OpenLoopConnection, i: int) -> None:
         conn.due_index = i
+        # The records' timestamps are wall-clock time, the schedule is monotonic: convert a due time
+        # with the offset between the two clocks as it is now, not as it was when the run began. A
+        # VM's wall clock can be stepped while it runs (this one was seen gaining 0.5 ms every
+        # 100 ms), which would add up to tens of milliseconds to every job of a 15-second run.
+        conn.wall_offset = time.time() - loop.time()
         conn.transport.write(request)
 
     def on_response(conn: OpenLoopConnection, status: int, payload: bytes) -> None:
         done = loop.time()
         job_id = json.loads(payload).get("id") if status == 202 else None
         i, conn.due_index = conn.due_index, -1
-        results.append((start_wall + i / rate, status, job_id, done - (start_mono + i / rate)))
+        due_at = start_mono + i / rate
+        results.append((due_at + conn.wall_offset, status, job_id, done - due_at))
         if overdue:
             send(conn, overdue.popleft())
         else:
@@ -685,7 +691,7 @@ async def open_loop(host: str, port: int, rate: float, seconds: float, connectio
                                                            host, port)
             transports.append(transport)
             idle.append(conn)
-        start_mono, start_wall = loop.time() + 0.2, time.time() + 0.2
+        start_mono = loop.time() + 0.2
         if total:
             loop.call_at(start_mono, due, 0)
             try:
@@ -708,6 +714,7 @@ class OpenLoopConnection(asyncio.Protocol):
         self.on_lost = on_lost
         self.buffer = b""
         self.due_index = -1  # the request in flight, if any
+        self.wall_offset = 0.0  # time.time() - loop.time() when that request was sent
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport) -> None:

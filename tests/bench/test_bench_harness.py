@@ -167,6 +167,33 @@ def test_open_loop_sends_at_the_rate_and_times_each_request_from_when_it_was_due
     assert sent[-1] - sent[0] > 0.35  # spread over the half second, not sent in a burst
 
 
+def test_open_loop_gives_due_times_on_the_wall_clock_of_the_moment_even_when_it_is_stepped(monkeypatch):
+    # The records' timestamps are wall-clock time. A VM's wall clock can be stepped while a run
+    # goes on (one here gained 0.5 ms every 100 ms, against the monotonic clock): a due time taken
+    # as the run's start on the wall clock plus the schedule would drift from the records', and
+    # every job's measured latency would grow with its place in the run. Here the wall clock gains
+    # 50 ms a second; the server notes, on that clock, when each request arrived.
+    real_time, started = time.time, time.monotonic()
+    monkeypatch.setattr(time, "time", lambda: real_time() + 0.05 * (time.monotonic() - started))
+    arrived = {}
+
+    async def handle(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head).group(1)))
+                job_id = f"job-{len(arrived)}"
+                arrived[job_id] = time.time()
+                writer.write(_answer(202, json.dumps({"id": job_id}).encode()))
+                await writer.drain()
+
+    results = _open_loop_against(handle, rate=100, seconds=0.6, connections=4)
+    assert len(results) == len(arrived) == 60
+    for due, _, job_id, latency in results:
+        # Arrival on the wall clock, less the due time, is the monotonic latency up to the clock's
+        # gain during the request itself (5 %), not up to its 30 ms gain over the whole run.
+        assert -0.002 <= arrived[job_id] - due <= latency * 1.06 + 0.002
+
+
 def test_open_loop_counts_the_wait_for_a_free_connection_as_latency():
     # One connection and a server that takes 30 ms per answer, asked for one every 10 ms: the
     # requests queue in the client, and each is timed from when it was due, not when it went out.
