@@ -1161,7 +1161,28 @@ def machine() -> dict[str, Any]:
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
     return {"cpus": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
             "kernel": platform.release(), "rabbitmq": rabbit_version, "redis": redis_version.split(" ")[2:3],
-            "date": datetime.now().astimezone().isoformat(timespec="seconds")}
+            **kernel_settings(), "date": datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def kernel_settings(root: Path = Path("/")) -> dict[str, Any]:
+    """The kernel settings that moved this bench's tail in measurements (docs/performance.md, "Two
+    findings"), so that runs are compared only with runs made under the same: the scheduler's
+    autogroup (each session its own equal-weight group) and the clock source. None when unreadable."""
+
+    def read(path: str) -> str | None:
+        try:
+            return (root / path).read_text().strip()
+        except OSError:
+            return None
+
+    autogroup = read("proc/sys/kernel/sched_autogroup_enabled")
+    return {"sched_autogroup": None if autogroup is None else autogroup != "0",
+            "clocksource": read("sys/devices/system/clocksource/clocksource0/current_clocksource")}
+
+
+def describe_kernel_settings(machine: dict[str, Any]) -> str:
+    autogroup = {True: "on", False: "off"}.get(machine.get("sched_autogroup"), "unknown")
+    return f"scheduler autogroup {autogroup}, clock source {machine.get('clocksource') or 'unknown'}"
 
 
 def fmt(s: dict[str, Any], digits: int = 0) -> str:
@@ -1315,7 +1336,8 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     m = result["machine"]
     print(f"\nmachine: {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, {m['rabbitmq']}, "
-          f"Redis {''.join(m['redis'])}; {result['elapsed_s']:.0f} s; {'quick' if args.quick else 'full'} profile; "
+          f"Redis {''.join(m['redis'])}; {describe_kernel_settings(m)}; {result['elapsed_s']:.0f} s; "
+          f"{'quick' if args.quick else 'full'} profile; "
           f"load average during runs {min(x[1] for x in result['loadavg_1m']):.1f}-"
           f"{max(x[1] for x in result['loadavg_1m']):.1f}\n")
     print(result["table"])

@@ -269,6 +269,25 @@ def test_open_loop_fails_loudly_when_the_server_drops_a_request():
         _open_loop_against(handle, rate=50, seconds=0.2, connections=2)
 
 
+def test_kernel_settings_record_autogroup_and_clock_source(tmp_path):
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/clocksource/clocksource0").mkdir(parents=True)
+    (tmp_path / "proc/sys/kernel/sched_autogroup_enabled").write_text("0\n")
+    (tmp_path / "sys/devices/system/clocksource/clocksource0/current_clocksource").write_text("kvm-clock\n")
+    settings = bench.kernel_settings(tmp_path)
+    assert settings == {"sched_autogroup": False, "clocksource": "kvm-clock"}
+    assert bench.describe_kernel_settings(settings) == "scheduler autogroup off, clock source kvm-clock"
+    (tmp_path / "proc/sys/kernel/sched_autogroup_enabled").write_text("1\n")
+    assert bench.kernel_settings(tmp_path)["sched_autogroup"] is True
+
+
+def test_kernel_settings_are_unknown_where_the_kernel_does_not_have_them(tmp_path):
+    settings = bench.kernel_settings(tmp_path)
+    assert settings == {"sched_autogroup": None, "clocksource": None}
+    assert bench.describe_kernel_settings(settings) == "scheduler autogroup unknown, clock source unknown"
+    assert bench.describe_kernel_settings({}) == "scheduler autogroup unknown, clock source unknown"
+
+
 def test_machine_busy_counts_idle_and_iowait_as_not_busy():
     before = [100, 0, 50, 1000, 10, 0, 0, 5]
     after = [160, 0, 80, 1090, 20, 0, 0, 15]  # user+60 system+30 idle+90 iowait+10 steal+10
