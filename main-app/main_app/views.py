@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import orjson
 import redis
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Request, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from jobs_contract import JobStore
 from main_app.auth import TokenAuthenticator
@@ -52,9 +53,20 @@ def submit() -> Response:
     if not _is_json(this_request.mimetype):
         raise Problem(415, "Unsupported Media Type", "send the job as application/json",
                       reason=RejectReason.UNSUPPORTED_MEDIA_TYPE)
-    accepted = _context().submissions.submit(client, this_request.get_data(cache=False),
-                                             this_request.headers.get("Idempotency-Key"))
+    accepted = _context().submissions.submit(client, _body(this_request), this_request.headers.get("Idempotency-Key"))
     return _AcceptedResponse(accepted)
+
+
+def _body(this_request: Request) -> bytes:
+    """The request's body, or a 413 when it is larger than MAX_CONTENT_LENGTH. A body with a
+    Content-Length over the limit is refused by werkzeug before it is read; a chunked one (no
+    Content-Length) werkzeug reads only up to the limit and then stops without a word, so the
+    rest of it is looked for here: a job cut to its first bytes must not be accepted."""
+    body = this_request.get_data(cache=False)
+    if this_request.content_length is None and len(body) >= (this_request.max_content_length or len(body) + 1):
+        if this_request.environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()
+    return body
 
 
 @jobs.get("/jobs/<job_id>")

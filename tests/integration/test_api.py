@@ -6,6 +6,7 @@ import time
 
 import orjson
 import pytest
+import requests
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
@@ -163,6 +164,32 @@ def test_body_over_the_limit_is_413(rabbit, redis_node, redis_client, amqp):
         assert queue_depth(amqp, topology.QUEUE) == 0
     finally:
         app.extensions["publisher"].stop()
+
+
+def test_chunked_body_over_the_limit_is_413_not_its_first_bytes_accepted(rabbit, redis_node, redis_client, amqp,
+                                                                        start_api):
+    """Under gunicorn, as clients send it: a chunked body has no Content-Length to refuse it by, and
+    werkzeug reads such a body only up to MAX_BODY_BYTES, then stops without a word."""
+    api = start_api(rabbit.url, redis_node.url, MAX_BODY_BYTES="1024")
+    headers = {**AUTH, "Content-Type": "application/json"}
+    job = b'{"type": "echo", "payload": {"n": 1}}'
+
+    def post_chunked(body: bytes) -> requests.Response:  # a generator: requests sends it chunked
+        return requests.post(f"{api.url}/jobs", data=(body[i:i + 300] for i in range(0, len(body), 300)),
+                             headers=headers, timeout=10)
+
+    # Valid JSON within the limit, then more: its first 1,024 bytes alone would be a valid job.
+    response = post_chunked(job + b" " * (1024 - len(job)) + b"and the rest of the body")
+    assert response.status_code == 413, response.text
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    assert "1024 bytes" in response.json()["detail"]
+    assert queue_depth(amqp, topology.QUEUE) == 0
+    assert not list(redis_client.scan_iter("job:*"))
+    # A chunked body of exactly the limit, and one under it, are accepted.
+    for size in (1024, 200):
+        response = post_chunked(job + b" " * (size - len(job)))
+        assert response.status_code == 202, response.text
+    assert queue_depth(amqp, topology.QUEUE) == 2
 
 
 def test_schema_violation_is_422_with_the_field(client, openapi, amqp, redis_client):
