@@ -137,17 +137,22 @@ class Worker:
             channel = self.ledger.channel
             if channel is not None and channel.is_open:
                 channel.stop_consuming()
-            while time.monotonic() < deadline and self.ledger.in_hand() > 0:
-                self.beat()
-                if connection is not None and connection.is_open:
-                    connection.process_data_events(time_limit=self.ledger.before_wait(idle_wait=0.1))
-                else:
-                    # The connection is gone: what finished has nothing left to settle (the broker
-                    # requeued it); only jobs still running are waited for.
-                    self.ledger.settle_finished()
-                    time.sleep(0.1)
         except (pika.exceptions.AMQPError, OSError) as exc:
-            log.warning("broker connection lost while draining: %s", exc)
+            log.warning("broker connection lost while draining: %s; still waiting for the jobs running", exc)
+            connection = None
+        while time.monotonic() < deadline and self.ledger.in_hand() > 0:
+            self.beat()
+            if connection is not None and connection.is_open:
+                try:
+                    connection.process_data_events(time_limit=self.ledger.before_wait(idle_wait=0.1))
+                except (pika.exceptions.AMQPError, OSError) as exc:
+                    log.warning("broker connection lost while draining: %s; still waiting for the jobs running", exc)
+                    connection = None
+            else:
+                # The connection is gone: what finished has nothing left to settle (the broker
+                # requeued it); only jobs still running are waited for, so that none is cut off.
+                self.ledger.settle_finished()
+                time.sleep(0.1)
         left = self.ledger.in_hand()
         if left:
             log.warning("grace period over with %d job(s) unsettled; they go back to the queue", left)

@@ -219,6 +219,26 @@ def test_sigterm_drains_in_flight_jobs_and_exits_0(rabbit, redis_node, store, am
     assert "draining" in worker.proc.output()
 
 
+def test_sigterm_then_the_broker_gone_still_lets_the_running_job_finish(private_rabbit, redis_node, store,
+                                                                         start_worker):
+    """As on Ctrl-C under `make run`, or a node draining: the broker stops too while the worker
+    drains. The running job is not cut off (and run again): it finishes and its outcome is recorded."""
+    worker = start_worker(private_rabbit.url, redis_node.url, WORKER_CONCURRENCY="1", SHUTDOWN_GRACE_SECONDS="15")
+    connection = pika.BlockingConnection(pika.URLParameters(private_rabbit.url))
+    job = new_job(store, "sleep", {"seconds": 4})
+    publish(connection.channel(), job)
+    connection.close()
+    wait_status(store, job.id, {"running"})
+    worker.proc.signal(signal.SIGTERM)
+    time.sleep(0.3)  # draining
+    private_rabbit.stop()  # a clean shutdown: the broker closes the worker's connection (CONNECTION_FORCED)
+    assert worker.proc.wait(15) == 0
+    record = store.get(job.id)
+    assert record["status"] == "succeeded" and record["attempts"] == 1, record
+    output = worker.proc.output()
+    assert "broker connection lost while draining" in output and "unsettled" not in output, output[-2000:]
+
+
 def test_sigterm_past_the_grace_period_requeues_the_job(rabbit, redis_node, store, amqp, start_worker):
     worker = start_worker(rabbit.url, redis_node.url, WORKER_CONCURRENCY="1", SHUTDOWN_GRACE_SECONDS="0.5")
     job = new_job(store, "sleep", {"seconds": 20})
