@@ -1,10 +1,12 @@
 """`make run`: the whole system on this machine, no cluster needed.
 
 Private RabbitMQ and Redis nodes under .run/ (never the machine's own
-services), main-app under gunicorn and N service-app workers, all run by
-honcho: Ctrl-C stops everything cleanly. Dev credentials and an API token are
-generated on first run into .run/dev.env (git-ignored); API_TOKENS is honoured
-when set.
+services), then main-app under gunicorn and N service-app workers, run by
+honcho. Ctrl-C stops everything cleanly: honcho stops the apps (the workers
+finish the jobs they are running and record their outcomes), and only then are
+the nodes stopped. Dev credentials and an API token are generated on first run
+into .run/dev.env (git-ignored; .run/ is readable by its owner only);
+API_TOKENS is honoured when set.
 """
 
 import argparse
@@ -38,6 +40,7 @@ def load_or_create_env(run_dir: Path) -> dict[str, str]:
     """Dev credentials, generated once (no default credentials anywhere) and kept in .run/dev.env."""
     path = run_dir / "dev.env"
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # the Procfile, stack.env and rabbitmq.conf hold credentials too
     known = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line) if path.exists() else {}
     wanted = {
         "DEV_RABBITMQ_USER": lambda: "admin-" + secrets.token_hex(3),
@@ -66,14 +69,10 @@ def run(args: argparse.Namespace) -> int:
                         user=admin[0], password=admin[1], definitions=definitions(admin, app_passwords),
                         plugins=("rabbitmq_prometheus", "rabbitmq_management"))
     redis = RedisNode(run_dir / "redis", port=PORTS["redis"])
-    ensure_erlang_cookie()
-    rabbit.write_config()
-    redis.base_dir.mkdir(parents=True, exist_ok=True)
 
     token = os.environ.get("API_TOKENS") or creds["DEV_API_TOKEN"]
     venv_bin = Path(sys.executable).parent
     env = {
-        **{k: v for k, v in rabbit.env().items() if k.startswith(("RABBITMQ_", "ERL_"))},
         "REDIS_URL": redis.url,
         "DECLARE_TOPOLOGY": "false",
         "API_TOKENS": token,
@@ -89,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
     procfile = "\n".join([
         f"worker: RABBITMQ_URL='{rabbit.url_for(SERVICE_APP_USER, app_passwords[SERVICE_APP_USER])}' "
         f"METRICS_HOST=127.0.0.1 METRICS_PORT=$PORT exec {shlex.join(worker_command(venv_bin))}",
-        f"rabbitmq: exec {' '.join(rabbit.foreground_command())}",
-        f"redis: exec {' '.join(redis.command())}",
         f"api: RABBITMQ_URL='{rabbit.url_for(MAIN_APP_USER, app_passwords[MAIN_APP_USER])}' "
         f"PROMETHEUS_MULTIPROC_DIR={run_dir / 'main-app-metrics'} "
         f"exec {shlex.join(api_command(venv_bin))}",
@@ -98,13 +95,30 @@ def run(args: argparse.Namespace) -> int:
     ]) + "\n"
     (run_dir / "Procfile").write_text(procfile)
     os.chdir(ROOT)
-    # honcho SIGKILLs whatever is still running 5 s after Ctrl-C; RabbitMQ takes longer to stop.
-    honcho.manager.KILL_WAIT = STOP_GRACE_SECONDS
-    honcho.command.main([
-        "-f", str(run_dir / "Procfile"), "-e", str(run_dir / "stack.env"), "-d", str(ROOT),
-        "start", "-p", str(PORTS["workers"]), "-c", f"worker={args.workers}",
-    ])
-    return 0
+    # The nodes run outside honcho and outlive the apps: honcho stops all its processes at once,
+    # and a worker draining after Ctrl-C still needs RabbitMQ and Redis to settle and record the
+    # jobs it is finishing. Their own sessions keep the terminal's Ctrl-C from reaching them.
+    print(f"starting RabbitMQ and Redis (logs: {rabbit.log_dir}, {redis.base_dir / 'redis.log'})", flush=True)
+    ensure_erlang_cookie()
+    try:
+        rabbit.start()  # `rabbitmq-server -detached`: a session of its own
+        redis.start(own_session=True)
+        # honcho SIGKILLs whatever is still running 5 s after Ctrl-C; a worker may drain for longer.
+        honcho.manager.KILL_WAIT = STOP_GRACE_SECONDS
+        honcho.command.main([
+            "-f", str(run_dir / "Procfile"), "-e", str(run_dir / "stack.env"), "-d", str(ROOT),
+            "start", "-p", str(PORTS["workers"]), "-c", f"worker={args.workers}",
+        ])
+    except SystemExit as stop:  # honcho's, once every app has exited
+        returncode = stop.code if isinstance(stop.code, int) else 1
+    else:
+        returncode = 0
+    finally:
+        print("stopping Redis and RabbitMQ", flush=True)
+        redis.stop()
+        rabbit.stop()
+        print("RabbitMQ and Redis stopped", flush=True)
+    return returncode
 
 
 def banner(args: argparse.Namespace) -> int:

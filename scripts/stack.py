@@ -324,9 +324,6 @@ class RabbitNode:
             "ERL_EPMD_ADDRESS": "127.0.0.1",
         }
 
-    def foreground_command(self) -> list[str]:
-        return [str(RABBITMQ_BIN / "rabbitmq-server")]
-
     def start(self, timeout: float = 60.0) -> RabbitNode:
         ensure_erlang_cookie()
         self.write_config()
@@ -373,7 +370,7 @@ class RabbitNode:
         if pid is None:
             return
         try:
-            self.ctl("stop", timeout=60)
+            self.ctl("stop", str(self.pid_file), timeout=60)  # returns once the node's process has exited
         except Exception:
             pass
         self.kill()
@@ -411,10 +408,13 @@ class RedisNode:
         return [server, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.base_dir), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes"]
 
-    def start(self, timeout: float = 15.0) -> RedisNode:
+    def start(self, timeout: float = 15.0, own_session: bool = False) -> RedisNode:
+        """own_session: out of the caller's process group, so that a Ctrl-C in its terminal does
+        not reach the node (the caller stops it when it is done)."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         with open(self.base_dir / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=own_session)
         try:
             wait_for_port(self.port, timeout, self.process)
         except RuntimeError as exc:
