@@ -6,6 +6,7 @@ Accepted into HTTP answers. Store and broker calls are timed into main-app's met
 
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -27,6 +28,9 @@ from main_app.problems import Problem, RejectReason, unavailable
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+# orjson reads an integer beyond 64 bits as a float, which would change the client's number; an
+# integer literal that may be one has at least 19 digits (-9223372036854775809 is the first).
+MAYBE_BEYOND_64_BITS = re.compile(rb"\d{19}")
 T = TypeVar("T")
 
 
@@ -133,10 +137,13 @@ class Submissions:
         except orjson.JSONDecodeError as exc:
             raise Problem(400, "Bad Request", f"malformed JSON: {exc}", reason=RejectReason.MALFORMED_JSON) from None
         try:
-            return self.validator.validate(document)
+            job_type, payload = self.validator.validate(document)
         except ValidationFailed as exc:
             raise Problem(422, "Unprocessable Content", exc.message, reason=RejectReason.INVALID,
                           errors=[{"pointer": exc.field, "detail": exc.message}]) from None
+        if MAYBE_BEYOND_64_BITS.search(body):
+            _refuse_integers_beyond_64_bits(body)
+        return job_type, payload
 
     @staticmethod
     def _idempotency(key: str | None, job_type: str, payload: dict[str, Any]) -> _Idempotency | None:
@@ -219,6 +226,24 @@ class Submissions:
         if outcome == "started":
             return self._resume(dataclasses.replace(existing, confirmed=True), client, idempotency, job_type)
         return outcome
+
+
+def _refuse_integers_beyond_64_bits(body: bytes) -> None:
+    """A 422 for an integer outside -2**63 … 2**64 - 1 in `body` (a valid JSON document): read once
+    more, with the standard library, which keeps integers exact."""
+
+    def check(literal: str) -> int:
+        value = int(literal)
+        if not -2**63 <= value < 2**64:
+            detail = f"integers must lie within -2^63 and 2^64 - 1 (64 bits); got {literal[:40]}"
+            raise Problem(422, "Unprocessable Content", detail, reason=RejectReason.INVALID,
+                          errors=[{"pointer": "/payload", "detail": detail}])
+        return value
+
+    try:
+        json.loads(body, parse_int=check)
+    except RecursionError:  # nested too deep for the standard library: _encode refuses such a job
+        pass
 
 
 def store_recorder(store: JobStore) -> Callable[[list[NewJob]], list[Any]]:

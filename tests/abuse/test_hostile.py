@@ -157,6 +157,7 @@ def test_huge_strings(api):
     b'{"type": "sleep", "payload": {"seconds": NaN}}',
     b'{"type": "sleep", "payload": {"seconds": Infinity}}',
     b'{"type": "cpu", "payload": {"ms": 100000000000000000000000000000}}',
+    b'{"type": "echo", "payload": {"n": 100000000000000000000000000000}}',  # no maximum: a float otherwise
     b"",
     b"null",
     b"[]",

@@ -192,6 +192,29 @@ def test_chunked_body_over_the_limit_is_413_not_its_first_bytes_accepted(rabbit,
     assert queue_depth(amqp, topology.QUEUE) == 2
 
 
+@pytest.mark.parametrize("number", [b"123456789012345678901234567890", b"18446744073709551616",
+                                    b"-9223372036854775809", b"-123456789012345678901234"])
+def test_integer_beyond_64_bits_is_422_not_rounded_to_a_float(client, amqp, redis_client, number):
+    # orjson would read it as a float: the job would run with another number than the client sent.
+    response = client.post("/jobs", data=b'{"type": "echo", "payload": {"n": ' + number + b"}}",
+                           headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.get_json()["errors"][0]["pointer"] == "/payload"
+    assert "64 bits" in response.get_json()["detail"]
+    assert queue_depth(amqp, topology.QUEUE) == 0
+    assert not list(redis_client.scan_iter("job:*"))
+
+
+@pytest.mark.parametrize("payload", [b'{"n": 18446744073709551615}', b'{"n": -9223372036854775808}',
+                                     b'{"id": "1234567890123456789012345"}', b'{"x": 0.12345678901234567890}'])
+def test_integers_within_64_bits_and_long_digit_strings_are_accepted_exact(client, amqp, payload):
+    response = client.post("/jobs", data=b'{"type": "echo", "payload": ' + payload + b"}",
+                           headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    message = amqp.basic_get(topology.QUEUE, auto_ack=True)[2]
+    assert orjson.loads(message)["payload"] == orjson.loads(payload)
+
+
 def test_schema_violation_is_422_with_the_field(client, openapi, amqp, redis_client):
     response = client.post("/jobs", json={"type": "sleep", "payload": {"seconds": 10**6}}, headers=AUTH)
     assert response.status_code == 422
