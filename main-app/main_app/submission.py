@@ -111,7 +111,7 @@ class Submissions:
         # Encoded before anything is written: a job whose message cannot be built leaves no record.
         encoded = self._encode(message)
         # Recorded, then published, by the publisher's loop (one store round trip per batch).
-        existing = self._publish(message, encoded, idempotency, keep_key=False,
+        existing = self._publish(message, encoded, idempotency,
                                  record=NewJob(message.id, client, job_type, message.created_at,
                                                idempotency and (idempotency.key, idempotency.body_hash),
                                                self.pending_ttl))
@@ -122,8 +122,9 @@ class Submissions:
                 return resumed
             # The key's request is over and nobody confirmed it: its job may or may not be queued.
             # Publish that job (same id) again: at worst a duplicate message of one job.
-            message = dataclasses.replace(message, id=existing.job_id, created_at=resumed)
-            self._publish(message, message.encode(), idempotency, keep_key=True)
+            created_at, recreated = resumed
+            message = dataclasses.replace(message, id=existing.job_id, created_at=created_at)
+            self._publish(message, message.encode(), idempotency, undo_record=recreated)
         if idempotency is not None and not self._confirm(client, idempotency, message.id):
             log.warning("job %s accepted, but its Idempotency-Key could not be confirmed", message.id)
         if not republish:
@@ -164,10 +165,11 @@ class Submissions:
                           reason=RejectReason.INVALID, errors=[{"pointer": "/payload", "detail": str(exc)}]) from None
 
     def _publish(self, message: JobMessage, encoded: tuple[bytes, Any], idempotency: _Idempotency | None,
-                 keep_key: bool, record: NewJob | None = None) -> IdempotencyRecord | None:
+                 record: NewJob | None = None, undo_record: bool = False) -> IdempotencyRecord | None:
         """Publish and wait for the confirm, after writing `record` if given: then the record
         already under its Idempotency-Key, if any, is returned instead (nothing published). If
-        the broker does not confirm, remove the record (compensate) and refuse."""
+        the broker does not confirm, remove the record this request wrote (`record`, or one its
+        claim of a stale key recreated: `undo_record`), and refuse."""
         body, properties = encoded
         started = time.perf_counter()
         try:
@@ -176,13 +178,17 @@ class Submissions:
         except redis.RedisError as exc:  # the record could not be written: nothing was published
             raise _store_unavailable("create", exc) from None
         except BrokerUnavailable as exc:
-            if exc.before_handover and record is not None:  # neither recorded nor published: nothing to undo
+            if record is None and not undo_record:
+                # Publishing again the job of an earlier request, which may have been answered 202:
+                # its record is not this request's to undo, and its key stays for a retry to resolve.
+                log.warning("job %s of an earlier request could not be published again: %s", message.id, exc)
+            elif record is not None and exc.before_handover:  # neither recorded nor published: nothing to undo
                 _warn_broker_refused("job %s not accepted: %s", message.id, exc)
             else:
                 log.warning("job %s not accepted: %s", message.id, exc)
                 try:  # the key stays while the job may be queued: a retry must get that job, not a new one
                     self.store.discard(message.id, message.client, idempotency and idempotency.key,
-                                       keep_key=exc.maybe_published or keep_key)
+                                       keep_key=exc.maybe_published or record is None)
                 except redis.RedisError:
                     log.warning("could not remove the record of unaccepted job %s", message.id)
             raise unavailable("the message broker is unavailable; the job was not accepted",
@@ -198,10 +204,11 @@ class Submissions:
         return True
 
     def _resume(self, existing: IdempotencyRecord, client: str, idempotency: _Idempotency,
-                job_type: str) -> Accepted | str:
+                job_type: str) -> Accepted | tuple[str, bool]:
         """A request whose Idempotency-Key is taken: the key's job (replayed), 409 while the request
         that took it may still be in flight, 422 for another body; or, for a key its request left
-        pending, the created_at of its job, which the caller then publishes again."""
+        pending, the created_at of its job, which the caller then publishes again, and whether its
+        record was missing (recreated by the claim)."""
         if existing.body_hash != idempotency.body_hash:
             raise Problem(422, "Unprocessable Content",
                           "this Idempotency-Key was already used with a different request body",
@@ -225,7 +232,7 @@ class Submissions:
             raise in_progress
         if outcome == "started":
             return self._resume(dataclasses.replace(existing, confirmed=True), client, idempotency, job_type)
-        return outcome
+        return outcome, job is None
 
 
 def _refuse_integers_beyond_64_bits(body: bytes) -> None:

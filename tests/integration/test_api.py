@@ -6,6 +6,7 @@ import time
 
 import orjson
 import pytest
+import redis
 import requests
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
@@ -14,6 +15,7 @@ from conftest import OTHER_TOKEN, TOKEN, queue_depth
 from jobs_contract import JobMessage, JobStore, topology
 from jobs_contract.store import NewJob
 from main_app.api import create_app
+from main_app.broker import BrokerUnavailable
 from main_app.config import Settings
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -260,6 +262,43 @@ def test_idempotency_key_in_progress_is_409(client, redis_node):
     response = client.post("/jobs", json={"type": "echo"}, headers={**AUTH, "Idempotency-Key": "busy"})
     assert response.status_code == 409
     assert response.headers["Retry-After"] == "1"
+
+
+def test_a_retry_whose_republish_fails_keeps_the_record_of_the_job_answered_202(app, client, monkeypatch):
+    """A 202 whose key could not be confirmed (Redis blipped), then a retry after the key went stale
+    that republishes the same job and is refused by the broker: the first request's job keeps its
+    record (it was not this retry's to undo), and the next retry gets that same job."""
+    submissions = app.extensions["jobs_api"].submissions
+    monkeypatch.setattr(submissions, "pending_ttl", 1)
+    headers = {**AUTH, "Idempotency-Key": "republish-refused"}
+    job = {"type": "echo", "payload": {"x": 1}}
+
+    def blip(*args, **kwargs):
+        raise redis.ConnectionError("blip")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(submissions.store, "confirm_idempotency", blip)
+        first = client.post("/jobs", json=job, headers=headers)
+    assert first.status_code == 202
+    accepted = first.get_json()
+    time.sleep(1.2)  # the first request's key is stale now
+
+    publish = submissions.publisher.publish
+
+    def republish_refused(*args, record=None, **kwargs):  # the record's round trip finds the key taken
+        if record is not None:
+            return publish(*args, record=record, **kwargs)
+        raise BrokerUnavailable("not connected to RabbitMQ", before_handover=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(submissions.publisher, "publish", republish_refused)
+        assert client.post("/jobs", json=job, headers=headers).status_code == 503
+    record = client.get(f"/jobs/{accepted['id']}", headers=AUTH)
+    assert record.status_code == 200 and record.get_json()["created_at"] == accepted["created_at"]
+    time.sleep(1.2)  # the refused retry's claim is stale too
+    again = client.post("/jobs", json=job, headers=headers)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json()["id"] == accepted["id"] and again.get_json()["created_at"] == accepted["created_at"]
 
 
 def test_bad_idempotency_key_is_400(client):

@@ -55,13 +55,13 @@ class _Store:
         self.discarded.append((job_id, client, idempotency_key, keep_key))
 
 
-def _refuse(error: BrokerUnavailable, with_record: bool) -> _Store:
+def _refuse(error: BrokerUnavailable, with_record: bool, recreated: bool = True) -> _Store:
     store = _Store()
     submissions = submission.Submissions(store, _Publisher(error), validator=None, publish_timeout_seconds=2.0)
     message = JobMessage(id="job-1", type="echo", payload={}, client="c", created_at="2026-12-02T00:00:00.000000Z")
     record = NewJob("job-1", "c", "echo", message.created_at) if with_record else None
     with pytest.raises(Problem) as refused:
-        submissions._publish(message, message.encode(), None, keep_key=not with_record, record=record)
+        submissions._publish(message, message.encode(), None, record=record, undo_record=not with_record and recreated)
     assert refused.value.status == 503
     return store
 
@@ -80,7 +80,15 @@ def test_a_refusal_after_the_record_was_written_removes_it():
 
 
 def test_a_republished_job_is_cleaned_up_even_when_refused_before_the_loop():
-    # Republishing (an Idempotency-Key left pending) sends no record: the job's record was
-    # written again before, so a refusal must remove it whatever stage refused it.
+    # Republishing (an Idempotency-Key left pending) sends no record: when the claim of the key
+    # wrote the job's record again, a refusal must remove it whatever stage refused it.
     store = _refuse(BrokerUnavailable("not connected to RabbitMQ", before_handover=True), with_record=False)
     assert store.discarded == [("job-1", "c", None, True)]
+
+
+@pytest.mark.parametrize("maybe_published", [False, True])
+def test_a_refused_republish_keeps_a_record_it_did_not_write(maybe_published):
+    # The record of an earlier request's job, which may have been answered 202: not this request's to undo.
+    store = _refuse(BrokerUnavailable("no confirm within 2s", maybe_published=maybe_published),
+                    with_record=False, recreated=False)
+    assert store.discarded == []
