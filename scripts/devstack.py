@@ -26,7 +26,6 @@ from jobs_devtools.stack import (
     RabbitNode,
     RedisNode,
     api_command,
-    ensure_erlang_cookie,
     wait_http,
     worker_command,
 )
@@ -99,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     # and a worker draining after Ctrl-C still needs RabbitMQ and Redis to settle and record the
     # jobs it is finishing. Their own sessions keep the terminal's Ctrl-C from reaching them.
     print(f"starting RabbitMQ and Redis (logs: {rabbit.log_dir}, {redis.base_dir / 'redis.log'})", flush=True)
-    ensure_erlang_cookie()
     try:
         rabbit.start()  # `rabbitmq-server -detached`: a session of its own
         redis.start(own_session=True)

@@ -63,9 +63,9 @@ def _body(this_request: Request) -> bytes:
     Content-Length) werkzeug reads only up to the limit and then stops without a word, so the
     rest of it is looked for here: a job cut to its first bytes must not be accepted."""
     body = this_request.get_data(cache=False)
-    if this_request.content_length is None and len(body) >= (this_request.max_content_length or len(body) + 1):
-        if this_request.environ["wsgi.input"].read(1):
-            raise RequestEntityTooLarge()
+    if (len(body) == this_request.max_content_length and this_request.content_length is None
+            and this_request.environ["wsgi.input"].read(1)):
+        raise RequestEntityTooLarge()
     return body
 
 
