@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"starting RabbitMQ and Redis (logs: {rabbit.log_dir}, {redis.base_dir / 'redis.log'})", flush=True)
     try:
         rabbit.start()  # `rabbitmq-server -detached`: a session of its own
-        redis.start(own_session=True)
+        redis.start()
         # honcho SIGKILLs whatever is still running 5 s after Ctrl-C; a worker may drain for longer.
         honcho.manager.KILL_WAIT = STOP_GRACE_SECONDS
         honcho.command.main([

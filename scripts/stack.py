@@ -408,13 +408,15 @@ class RedisNode:
         return [server, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.base_dir), "--save", "",
                 "--appendonly", "yes", "--appendfsync", "everysec", "--protected-mode", "yes"]
 
-    def start(self, timeout: float = 15.0, own_session: bool = False) -> RedisNode:
-        """own_session: out of the caller's process group, so that a Ctrl-C in its terminal does
-        not reach the node (the caller stops it when it is done)."""
+    def start(self, timeout: float = 15.0) -> RedisNode:
+        """In its own session, like every server started here (Proc): a Ctrl-C in the caller's
+        terminal does not reach it (the caller stops it when it is done), and the kernel's
+        autogroup schedules it apart from the caller, e.g. the benchmark's load generator,
+        as its own pod would be."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         with open(self.base_dir / "redis.log", "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=own_session)
+                                            start_new_session=True)
         try:
             wait_for_port(self.port, timeout, self.process)
         except RuntimeError as exc:

@@ -395,3 +395,11 @@ def test_the_table_shows_how_wrk_split_its_c16_connections_over_the_workers():
     ours, peers = rows["-c16: wrk's connections per gunicorn worker, each run (and each worker's CPU per request)"]
     assert ours == "ours 11/5 (612/388 µs), n/a"
     assert "naive 8/8 (500/499 µs)" in peers and "Celery n/a" in peers
+
+
+def test_redis_runs_in_a_session_of_its_own(private_redis):
+    """With the kernel's autogroup on, each session is one scheduling group: Redis must not share
+    the caller's (in `make bench`, the load generator's), as no pod shares a client's cgroup."""
+    pid = private_redis.process.pid
+    assert os.getsid(pid) == pid
+    assert os.getsid(pid) != os.getsid(0)
