@@ -20,7 +20,7 @@ bench-deps: venv services-deps ## Install wrk (Debian package) when missing
 ##@ Benchmarks
 
 .PHONY: bench
-bench: bench-deps $(BENCH_PEERS)/.installed ## Full benchmark with peers (~15–20 min; BENCH_QUICK=1 for a ~2 min smoke run): table, `bench:` line, JSON in reports/bench/
+bench: bench-deps $(BENCH_PEERS)/.installed ## Full benchmark with peers (~12–15 min; BENCH_QUICK=1 for a ~2 min smoke run): table, `bench:` line, JSON in reports/bench/
 	BENCH_PEERS=$(BENCH_PEERS) $(PY) scripts/bench/bench.py --out $(BENCH_REPORTS) $(BENCH_ARGS)
 
 .PHONY: bench-smoke
