@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--py-spy", default="py-spy")
     parser.add_argument("--out", default=str(bench.ROOT / "reports" / "bench" / "profile"))
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--jobs", type=int, default=30_000)
+    parser.add_argument("--jobs", type=int, default=60_000, help="pre-filled echo jobs; enough to outlast --seconds")
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL: where the CPU goes")
     parser.add_argument("--only", choices=("main-app", "service-app"))
     parser.add_argument("--connections", type=int, default=50, help="wrk connections against main-app")
@@ -84,10 +84,20 @@ def main() -> int:
             if args.only != "main-app":
                 bench.prefill_jobs(stack.rabbit.url, store, args.jobs)
                 spies: list[subprocess.Popen] = []
-                drained = bench.worker_drain(stack, args.jobs, "profile", {}, on_start=lambda worker: spies.append(
-                    record(args.py_spy, worker.proc.pid, max(5, args.jobs / 1500), out / "service-app")))
+                started: list[float] = []
+
+                def start_spy(worker) -> None:
+                    started.append(time.monotonic())
+                    spies.append(record(args.py_spy, worker.proc.pid, args.seconds, out / "service-app"))
+
+                drained = bench.worker_drain(stack, args.jobs, "profile", {}, on_start=start_spy)
+                drain_seconds = time.monotonic() - started[0]
                 spies[0].wait(120)
                 bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
+                # py-spy writes nothing when its process exits before the recording ends.
+                if drain_seconds < args.seconds:
+                    raise SystemExit(f"the queue drained in {drain_seconds:.1f}s, before the {args.seconds:g}s "
+                                     f"recording ended: no profile of service-app; raise --jobs")
         for name in ("main-app", "service-app"):
             raw = (out / name).with_suffix(".txt")
             if raw.exists() and args.only in (None, name):
