@@ -1108,8 +1108,25 @@ class Bench:
         }
         out["ingest_vs_noop"] = out["ingest_rps"]["median"] / out["noop_rps"]["median"]
         out["worker_vs_raw_consume"] = out["worker_jobs_s"]["median"] / out["raw_consume_msg_s"]["median"]
+        out.update(e2e_load(out))
         out.update(peer_summary(runs))
         return out
+
+
+def e2e_load(r: dict[str, Any]) -> dict[str, float | None]:
+    """The end-to-end rate is half of the maximum ingest, where the cores were all busy, so an
+    end-to-end run keeps them ½ × `e2e_cpu_vs_ingest` busy: its CPU per job (all processes) over
+    the cores' time per ingest request. `e2e_floor_cpu_vs_ingest` is that ratio if a job cost at
+    a trickle what it costs under load: the ingest request plus the worker's, RabbitMQ's and
+    Redis's CPU per job while draining a backlog (docs/performance.md, "End-to-end p99")."""
+    ingest_rps, e2e_cpu = r["ingest_rps"]["median"], r["e2e_total_cpu_us_per_req"]["median"]
+    if not ingest_rps or not e2e_cpu:
+        return {"e2e_cpu_vs_ingest": None, "e2e_floor_cpu_vs_ingest": None}
+    cores_us_per_request = r["machine"]["cpus"] * 1e6 / ingest_rps
+    execution = sum(r[key]["median"] or 0 for key in (
+        "worker_cpu_us_per_job", "worker_cpu_us_per_job_rabbitmq", "worker_cpu_us_per_job_redis"))
+    return {"e2e_cpu_vs_ingest": e2e_cpu / cores_us_per_request,
+            "e2e_floor_cpu_vs_ingest": (cores_us_per_request + execution) / cores_us_per_request}
 
 
 def peer_summary(runs: dict[str, list]) -> dict[str, Any]:
@@ -1225,6 +1242,10 @@ def table(r: dict[str, Any]) -> str:
          f"{fmt(r['e2e_total_cpu_us_per_req'])} µs (the runs' totals)",
          ", ".join(f"{name} {fmt(r[f'e2e_{name}_cpu_us_per_req'])}" for name in E2E_PROCESSES)
          + f"; the machine {fmt(r['e2e_machine_busy'], 2)} busy, steal {fmt(r['e2e_machine_steal'], 2)}"),
+        ("end to end, its CPU per job against the cores' time per ingest request",
+         ratio(r["e2e_cpu_vs_ingest"]),
+         f"so ½ × that busy at 50 % of max ingest; {ratio(r['e2e_floor_cpu_vs_ingest'])} if a job cost what it "
+         f"costs under load (its ingest + the worker's drain CPU per job, RabbitMQ's and Redis's)"),
         ("end to end, the client's connections per API worker, each run (and each worker's CPU per request)",
          ", ".join(split_text(x, "api_") for x in r["runs"]["e2e"]), "counted mid-run; the busiest worker first"),
         ("end to end, thread wake-ups per job",

@@ -324,6 +324,8 @@ def test_the_table_shows_where_the_end_to_end_cores_went_and_the_vms_speed(tmp_p
     assert "2,600 µs" in cores and "api 1,300" in cores and "client 160" in cores and "0.70 busy" in cores
     split = rows["end to end, the client's connections per API worker, each run (and each worker's CPU per request)"]
     assert "| 40/24 (800/500 µs) |" in split
+    load = rows["end to end, its CPU per job against the cores' time per ingest request"]
+    assert f"| {result['e2e_cpu_vs_ingest']:.2f} |" in load and f"{result['e2e_floor_cpu_vs_ingest']:.2f} if" in load
     woken = rows["end to end, thread wake-ups per job"]
     assert "| 46 (the runs' totals)" in woken and "api 12.5" in woken and "rabbitmq 20.0" in woken
     speed = rows["the VM's speed: a fixed Python loop's CPU time"]
@@ -403,3 +405,18 @@ def test_redis_runs_in_a_session_of_its_own(private_redis):
     pid = private_redis.process.pid
     assert os.getsid(pid) == pid
     assert os.getsid(pid) != os.getsid(0)
+
+
+def test_e2e_load_is_the_end_to_end_cpu_per_job_over_the_cores_time_per_ingest_request():
+    def median(value):
+        return {"median": value}
+
+    run = {"machine": {"cpus": 2}, "ingest_rps": median(1_000.0), "e2e_total_cpu_us_per_req": median(3_000.0),
+           "worker_cpu_us_per_job": median(400.0), "worker_cpu_us_per_job_rabbitmq": median(100.0),
+           "worker_cpu_us_per_job_redis": median(None)}
+    load = bench.e2e_load(run)
+    # 2 cores at 1,000 req/s: 2,000 µs of the cores per ingest request
+    assert load["e2e_cpu_vs_ingest"] == pytest.approx(1.5)  # 3,000 / 2,000: 75 % busy at half the rate
+    assert load["e2e_floor_cpu_vs_ingest"] == pytest.approx(1.25)  # (2,000 + 400 + 100) / 2,000
+    assert bench.e2e_load({**run, "ingest_rps": median(None)}) == {"e2e_cpu_vs_ingest": None,
+                                                                   "e2e_floor_cpu_vs_ingest": None}
