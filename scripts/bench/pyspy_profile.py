@@ -21,14 +21,26 @@ from jobs_devtools.bench import bench
 GIL_ONLY = False
 
 
-def record(py_spy: str, pid: int, seconds: float, out: Path, subprocesses: bool = False) -> subprocess.Popen:
-    args = [py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "--nonblocking"]
+def record(py_spy: str, pid: int, seconds: float, out: Path, subprocesses: bool = False,
+           nonblocking: bool = True) -> subprocess.Popen:
+    """nonblocking: sample without pausing the process (pausing halves main-app's req/s)."""
+    args = [py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250"]
+    if nonblocking:
+        args.append("--nonblocking")
     if GIL_ONLY:
         args.append("--gil")
     if subprocesses:
         args.append("--subprocesses")
     return subprocess.Popen([*args, "-f", "raw", "-o", str(out.with_suffix(".txt"))], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
+
+
+def require_recorded(spy: subprocess.Popen, name: str, timeout: float) -> None:
+    """Stop with py-spy's own reason when it recorded nothing (e.g. it attached to a process whose
+    interpreter was not up yet), rather than leave that profile out without a word."""
+    _, errors = spy.communicate(timeout=timeout)
+    if spy.returncode != 0:
+        raise SystemExit(f"py-spy recorded no profile of {name} (exit code {spy.returncode}): {errors.strip()}")
 
 
 def hottest(raw: Path, top: int = 25) -> str:
@@ -58,7 +70,7 @@ def main() -> int:
     parser.add_argument("--py-spy", default="py-spy")
     parser.add_argument("--out", default=str(bench.ROOT / "reports" / "bench" / "profile"))
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--jobs", type=int, default=60_000, help="pre-filled echo jobs; enough to outlast --seconds")
+    parser.add_argument("--jobs", type=int, default=60_000, help="echo jobs service-app drains while profiled")
     parser.add_argument("--gil", action="store_true", help="only samples holding the GIL: where the CPU goes")
     parser.add_argument("--only", choices=("main-app", "service-app"))
     parser.add_argument("--connections", type=int, default=50, help="wrk connections against main-app")
@@ -76,7 +88,7 @@ def main() -> int:
                 spy = record(args.py_spy, api.proc.pid, args.seconds + 1, out / "main-app", subprocesses=True)
                 time.sleep(0.5)
                 result = bench.run_wrk(api.url, args.seconds, args.connections)
-                spy.wait(60)
+                require_recorded(spy, "main-app", 60)
                 bench.log(f"main-app under profile: {result['rps']:.0f} req/s")
                 api.stop()
                 bench.purge(stack.rabbit.url)
@@ -84,20 +96,16 @@ def main() -> int:
             if args.only != "main-app":
                 bench.prefill_jobs(stack.rabbit.url, store, args.jobs)
                 spies: list[subprocess.Popen] = []
-                started: list[float] = []
 
                 def start_spy(worker) -> None:
-                    started.append(time.monotonic())
-                    spies.append(record(args.py_spy, worker.proc.pid, args.seconds, out / "service-app"))
+                    worker.wait_ready()  # py-spy cannot attach before the interpreter is up
+                    # py-spy 0.4.1 without pausing it crashed (SIGSEGV) after a few seconds of service-app
+                    spies.append(record(args.py_spy, worker.proc.pid, args.seconds, out / "service-app",
+                                        nonblocking=False))
 
                 drained = bench.worker_drain(stack, args.jobs, "profile", {}, on_start=start_spy)
-                drain_seconds = time.monotonic() - started[0]
-                spies[0].wait(120)
+                require_recorded(spies[0], "service-app", 120)
                 bench.log(f"service-app under profile: {drained['jobs_per_s']:.0f} jobs/s")
-                # py-spy writes nothing when its process exits before the recording ends.
-                if drain_seconds < args.seconds:
-                    raise SystemExit(f"the queue drained in {drain_seconds:.1f}s, before the {args.seconds:g}s "
-                                     f"recording ended: no profile of service-app; raise --jobs")
         for name in ("main-app", "service-app"):
             raw = (out / name).with_suffix(".txt")
             if raw.exists() and args.only in (None, name):

@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -420,3 +422,16 @@ def test_e2e_load_is_the_end_to_end_cpu_per_job_over_the_cores_time_per_ingest_r
     assert load["e2e_floor_cpu_vs_ingest"] == pytest.approx(1.25)  # (2,000 + 400 + 100) / 2,000
     assert bench.e2e_load({**run, "ingest_rps": median(None)}) == {"e2e_cpu_vs_ingest": None,
                                                                    "e2e_floor_cpu_vs_ingest": None}
+
+
+def test_a_profile_py_spy_could_not_record_stops_the_run_with_its_reason():
+    from jobs_devtools.bench import pyspy_profile
+
+    def fake_py_spy(exit_with: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", exit_with], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    pyspy_profile.require_recorded(fake_py_spy("pass"), "service-app", 30)
+    with pytest.raises(SystemExit, match=r"no profile of service-app \(exit code 1\): Error: Failed to find python"):
+        pyspy_profile.require_recorded(fake_py_spy("import sys; sys.exit('Error: Failed to find python version')"),
+                                       "service-app", 30)
