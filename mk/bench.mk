@@ -37,6 +37,10 @@ $(BENCH_TOOLS)/.installed:
 bench-profile: bench-deps $(BENCH_TOOLS)/.installed ## Flame graphs (py-spy) of main-app and service-app under load, in reports/bench/profile/
 	$(PY) scripts/bench/pyspy_profile.py --py-spy $(BENCH_TOOLS)/bin/py-spy --out $(BENCH_REPORTS)/profile
 
+.PHONY: bench-trickle
+bench-trickle: bench-deps ## Why a job costs more CPU end to end than under saturation: per process and API thread, user/kernel, with the vCPUs kept from halting, perf's symbols (~2 min; reports/bench/trickle/)
+	$(call debian-package,linux-perf,perf)
+	$(PY) scripts/bench/trickle_profile.py --out $(BENCH_REPORTS)/trickle
 
 $(BENCH_PEERS)/.installed: scripts/bench/requirements-peers.txt
 	$(call python-venv,$(BENCH_PEERS),scripts/bench/requirements-peers.txt,--require-hashes,--no-deps -e contract -e main-app -e scripts)

@@ -1,0 +1,92 @@
+"""`make bench-trickle`'s own logic: perf output parsing, per-job accounting, the API's thread
+roles, the busy loops that keep the vCPUs from halting, and the table.
+Run by `make test` (pytest.ini's testpaths)."""
+
+import collections
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs_devtools.bench import trickle_profile as trickle
+
+PERF_SCRIPT = """\
+    0  ffffffff8225295b pv_native_safe_halt ([kernel.kallsyms])
+ 3937  7f1c2a4d5680 _PyEval_EvalFrameDefault (/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0)
+ 3937  ffffffff8162ba42 finish_task_switch.isra.0 ([kernel.kallsyms])
+ 3937  7f1c2a4d5690 _PyEval_EvalFrameDefault (/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0)
+ 3938  7f1c2a4d0000 [unknown] (/usr/lib/x86_64-linux-gnu/libc.so.6)
+ 3836  55d0c0ffee00 [unknown] (memfd:vmem (deleted))
+ 4036  7f00deadbeef PyObject_GetAttr (/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0)
+"""
+
+
+def test_samples_by_symbol_counts_only_the_given_processes_and_marks_kernel_symbols():
+    counts = trickle.samples_by_symbol(PERF_SCRIPT, {3937, 3938, 3836})
+    assert counts == {"_PyEval_EvalFrameDefault": 2, "finish_task_switch.isra.0 [k]": 1,
+                      "[unknown] in libc.so.6": 1, "[unknown] in memfd:vmem (deleted)": 1}
+
+
+def test_grown_lists_the_symbols_whose_cost_per_item_grew_most():
+    hz = trickle.PERF_HZ
+    before = collections.Counter({"eval": hz, "malloc": hz // 10, "gone": hz // 10})  # 1,000 items
+    after = collections.Counter({"eval": hz, "malloc": hz // 10, "new": hz // 20})  # 500 items
+    rows = trickle.grown(before, 1000, after, 500, top=3)
+    assert [symbol for symbol, _, _ in rows] == ["eval", "malloc", "new"]
+    symbol, was, now = rows[0]
+    assert was == pytest.approx(1000.0) and now == pytest.approx(2000.0)  # µs per item: 1 s over 1,000, then 500
+
+
+def test_api_thread_roles_main_then_the_busiest_other_thread_as_the_publisher_loop():
+    before = {10: {10: 1.0}, 20: {20: 5.0, 21: 10.0, 22: 1.0, 23: 1.0}}
+    after = {10: {10: 1.5}, 20: {20: 6.0, 21: 13.0, 22: 2.0, 23: 2.5, 24: 0.5}}  # 24: a thread started since
+    roles = trickle.api_thread_roles(before, after)
+    assert roles == pytest.approx({"main": 0.5 + 1.0, "publisher loop": 3.0, "request threads": 1.0 + 1.5 + 0.5})
+
+
+def test_thread_and_process_cpu_grow_with_work_done():
+    pid = os.getpid()
+    user_before, kernel_before = trickle.user_kernel_seconds([pid])
+    threads_before = trickle.thread_seconds(pid)
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    user_after, kernel_after = trickle.user_kernel_seconds([pid])
+    assert user_after + kernel_after >= user_before + kernel_before + 0.05
+    assert trickle.thread_seconds(pid)[pid] >= threads_before[pid] + 0.05  # the main thread did it
+    assert trickle.user_kernel_seconds([2**22 + 1]) == (0.0, 0.0)  # no such process: nothing, no error
+
+
+def test_the_busy_loops_yield_to_everything_else():
+    with trickle.vcpus_kept_from_halting() as spinners:
+        assert len(spinners) == len(os.sched_getaffinity(0))
+        for spinner in spinners:
+            assert os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE
+            assert re.search(r"nice 19$", Path(f"/proc/{spinner.pid}/autogroup").read_text().strip())
+            assert os.getsid(spinner.pid) == spinner.pid  # a session, so an autogroup, of its own
+    assert all(spinner.poll() is not None for spinner in spinners)
+
+
+def test_table_adds_the_drain_to_saturation_and_shows_the_api_roles():
+    def used(user: float, kernel: float, **roles: float) -> dict[str, float]:
+        return {"user": user, "kernel": kernel, **roles}
+
+    api_roles = {"main": 50.0, "publisher loop": 150.0, "request threads": 800.0}
+    r = {"rate": 600, "e2e_p99_ms": [40.0, 60.0], "e2e_busy": [0.9, 0.88],
+         "ingest": {"api": used(700, 300, **api_roles), "rabbitmq": used(100, 50), "redis": used(20, 10)},
+         "drain": {"worker": used(300, 100), "rabbitmq": used(60, 40), "redis": used(50, 30)},
+         "e2e": {"api": used(1000, 400, **api_roles), "worker": used(450, 150), "rabbitmq": used(250, 150),
+                 "redis": used(100, 60), "client": used(120, 60)},
+         "e2e_no_halt": {"api": used(1000, 350, **api_roles), "worker": used(380, 120), "rabbitmq": used(200, 120),
+                         "redis": used(80, 50), "client": used(90, 40)},
+         "grown": {"api": [("_PyEval_EvalFrameDefault", 250.0, 380.0)]}}
+    text = trickle.table(r)
+    assert "| rabbitmq | 250 (160 + 90) | 400 (250 + 150) | 320 (200 + 120) |" in text  # ingest + drain
+    assert "| worker | 400 (300 + 100) | 600 (450 + 150) | 500 (380 + 120) |" in text
+    assert "| client | – | 180 (120 + 60) | 130 (90 + 40) |" in text  # wrk is not counted under saturation
+    assert "| api: publisher loop | 150 | 150 | 150 |" in text
+    assert "| all | 1,760 | 2,740 | 2,430 |" in text
+    assert "p99 40.0, 60.0 ms, machine busy 0.90, 0.88" in text
+    assert "250.0 →   380.0  _PyEval_EvalFrameDefault" in text
