@@ -844,10 +844,12 @@ def e2e_others(stack: PrivateStack, worker: App) -> dict[str, list[int]]:
 
 
 def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
-               others: dict[str, list[int]] | None = None) -> dict[str, Any]:
+               others: dict[str, list[int]] | None = None,
+               on_sent: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Open-loop submissions at `rate`, then when each job was recorded `succeeded`; with the CPU
     per request of the API, of `others` (the worker, RabbitMQ, Redis) and of this load generator,
-    and how busy the machine was: where the cores went, in every run."""
+    and how busy the machine was: where the cores went, in every run. on_sent(requests): called
+    once the last answer is in, before the records are read back (what the CPU figures cover)."""
     groups = {"api": server_pids(api), **(others or {})}
     workers = api.proc.children()
     before, before_workers = usage(groups), [cpu_seconds([pid]) for pid in workers]
@@ -859,6 +861,8 @@ def end_to_end(api: App, store: redis.Redis, rate: float, seconds: float,
     client_cpu, client_woken = time.process_time() - client_cpu, _own_wakeups() - client_woken
     busy, steal = machine_busy(machine, machine_ticks())
     used = usage_since(before, groups)
+    if on_sent is not None:
+        on_sent(len(results))
     api_cpu, api_woken = used.pop("api")
     accepted = [r for r in results if r[1] == 202]
     # Give the last jobs time to finish, then read when each was recorded `succeeded`:

@@ -4,15 +4,20 @@ under saturation; per process, split into user and kernel time (docs/performance
 
 On the private stack of `make bench`:
 1. saturation: wrk -c50 against POST /jobs (the API, RabbitMQ and Redis per request), then one
-   service-app draining the jobs that left queued (the worker, RabbitMQ and Redis per job);
-2. end to end at half that ingest rate, as `make bench` runs it;
+   service-app draining the jobs that left queued (the worker, RabbitMQ and Redis per job); each
+   read once RabbitMQ and Redis are quiet again, so that the work a burst leaves them counts;
+2. end to end at half that ingest rate, as `make bench` runs it (until the last answer; the
+   records' read-back is not counted); the client is this process, and has no counterpart under
+   saturation (wrk's CPU is not counted);
 3. the same end-to-end run with the vCPUs kept from halting: one busy loop per CPU at the lowest
-   priority (SCHED_IDLE, in a nice-19 autogroup of its own), which runs only when nothing else
-   wants that CPU. What a job costs then is what it costs when an idle vCPU is not handed back
-   to the host. The loops still delay wake-ups, so that run's latencies are not reported.
-Runs 2 and 3 alternate. With `perf` installed, every run is sampled (all CPUs, 997 Hz), and the
-symbols whose CPU per job grew the most from saturation to the first end-to-end run are listed
-for the API and the worker.
+   priority (SCHED_IDLE, in a nice-19 autogroup of its own), which runs almost only when nothing
+   else wants that CPU (the group still gets ~1 % of a contended CPU). What a job costs then is
+   what it costs when an idle vCPU is not handed back to the host. The loops still delay
+   wake-ups, so that run's latencies are not reported.
+Runs 2 and 3 alternate, `--rounds` times each; each cell is the median of its runs, per part
+(so "all" is a sum of medians). With `perf` installed, every run is sampled (all CPUs, 997 Hz),
+and the symbols whose CPU per job grew the most from saturation to the first end-to-end run are
+listed for the API and the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +48,17 @@ from jobs_devtools.bench import bench
 
 PERF_HZ = 997
 PROCESSES = ("api", "worker", "rabbitmq", "redis", "client")
-API_ROLES = ("main", "publisher loop", "request threads")
+API_ROLES = ("arbiter", "main", "publisher loop", "request threads")
 
-# A busy loop for one CPU that yields it to anything else: its own session (so its own autogroup,
-# weighted at nice 19 against the others' 0) and the SCHED_IDLE policy within it.
-IDLE_SPIN = ("import os\n"
+# A busy loop for one CPU that yields it to almost anything else: its own session (so its own
+# autogroup, weighted at nice 19 against the others' 0) and the SCHED_IDLE policy within it. It
+# dies with the process that started it (PR_SET_PDEATHSIG), however that one ends: a loop left
+# spinning would make every later measurement on the machine cheaper.
+IDLE_SPIN = ("import ctypes, os, signal\n"
+             "parent = os.getppid()\n"
+             "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+             "if os.getppid() != parent:\n"
+             "    raise SystemExit('its parent is gone')\n"
              "with open('/proc/self/autogroup', 'w') as group:\n"
              "    group.write('19')\n"
              "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
@@ -81,13 +94,19 @@ def thread_seconds(pid: int) -> dict[int, float]:
     return used
 
 
-def api_thread_roles(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]]) -> dict[str, float]:
-    """CPU seconds between two thread_seconds() readings of each gunicorn process, by role: its main
-    thread (the arbiter, or a worker's poller), the publisher's loop (in each worker the busiest
-    thread besides the main one: one thread runs every publish) and the request threads."""
-    roles = {"main": 0.0, "publisher loop": 0.0, "request threads": 0.0}
+def api_thread_roles(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]],
+                     arbiter: int) -> dict[str, float]:
+    """CPU seconds between two thread_seconds() readings of the gunicorn processes, by role: the
+    arbiter (all its threads, the metrics server's included), each worker's main thread (its
+    poller), the publisher's loop (in each worker the busiest thread besides the main one: one
+    thread runs every publish) and the request threads. A thread that exited in between is in
+    none of them."""
+    roles = dict.fromkeys(API_ROLES, 0.0)
     for pid, threads in after.items():
         used = {tid: seconds - before.get(pid, {}).get(tid, 0.0) for tid, seconds in threads.items()}
+        if pid == arbiter:
+            roles["arbiter"] += sum(used.values())
+            continue
         roles["main"] += used.pop(pid, 0.0)
         if used:
             loop = max(used, key=used.__getitem__)
@@ -100,8 +119,9 @@ class Meter:
     """Each process's user and kernel CPU between start() and per_item(count), in µs per item, and
     the API's by thread role. The client is this process (the end-to-end load generator runs in it)."""
 
-    def __init__(self, groups: dict[str, list[int]]):
+    def __init__(self, groups: dict[str, list[int]], arbiter: int | None = None):
         self.groups = groups
+        self.arbiter = arbiter  # the API's gunicorn arbiter, when "api" is one of the groups
         self.before: dict[str, tuple[float, float]] = {}
         self.api_before: dict[int, dict[int, float]] = {}
 
@@ -123,7 +143,7 @@ class Meter:
                        "kernel": (after[name][1] - self.before[name][1]) / count * 1e6}
                 for name in after}
         if "api" in self.groups:
-            roles = api_thread_roles(self.api_before, self._api_threads())
+            roles = api_thread_roles(self.api_before, self._api_threads(), self.arbiter)
             used["api"].update({role: seconds / count * 1e6 for role, seconds in roles.items()})
         return used
 
@@ -139,18 +159,30 @@ def perf_record(out: Path | None) -> Iterator[None]:
     try:
         yield
     finally:
-        perf.send_signal(2)
-        _, errors = perf.communicate(timeout=60)
-        if not out.exists():
-            raise SystemExit(f"perf recorded nothing (exit code {perf.returncode}): {errors.strip()}")
+        perf.send_signal(signal.SIGINT)
+        try:
+            _, errors = perf.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            perf.kill()
+            _, errors = perf.communicate()
+    if not out.exists():  # only once the block succeeded: its own error comes first
+        raise SystemExit(f"perf recorded nothing (exit code {perf.returncode}): {errors.strip()}")
 
 
 @contextmanager
 def vcpus_kept_from_halting() -> Iterator[list[subprocess.Popen]]:
-    spinners = [subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", IDLE_SPIN],
-                                 start_new_session=True) for cpu in sorted(os.sched_getaffinity(0))]
+    """A busy loop (IDLE_SPIN) on each CPU while the block runs; checked to be spinning at the
+    lowest priority before it starts."""
+    spinners: list[subprocess.Popen] = []
     try:
-        time.sleep(0.2)  # their policy and group are set
+        for cpu in sorted(os.sched_getaffinity(0)):
+            spinners.append(subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", IDLE_SPIN],
+                                             start_new_session=True))
+        deadline = time.monotonic() + 10
+        while not all(spinning_at_idle_priority(spinner) for spinner in spinners):
+            if time.monotonic() > deadline or any(spinner.poll() is not None for spinner in spinners):
+                raise RuntimeError("the busy loops did not start at the idle priority")
+            time.sleep(0.05)
         yield spinners
     finally:
         for spinner in spinners:
@@ -158,18 +190,30 @@ def vcpus_kept_from_halting() -> Iterator[list[subprocess.Popen]]:
             spinner.wait()
 
 
+def spinning_at_idle_priority(spinner: subprocess.Popen) -> bool:
+    try:
+        return (os.sched_getscheduler(spinner.pid) == os.SCHED_IDLE
+                and Path(f"/proc/{spinner.pid}/autogroup").read_text().split()[-1] == "19")
+    except OSError:
+        return False
+
+
 def samples_by_symbol(perf_script: str, pids: set[int]) -> collections.Counter[str]:
     """Samples per symbol of these processes, from `perf script -F pid,ip,sym,dso` output (one line
     a sample: "  pid  address symbol (dso)"); kernel symbols are marked [k]."""
     counts: collections.Counter[str] = collections.Counter()
+    parsed = 0
     for line in perf_script.splitlines():
         match = re.match(r"\s*(\d+)\s+[0-9a-f]+\s+(.*?)\s*\(((?:[^()]|\([^()]*\))*)\)\s*$", line)
+        parsed += match is not None
         if match is None or int(match.group(1)) not in pids:
             continue
         symbol, dso = match.group(2), match.group(3)
         if symbol in ("", "[unknown]"):
             symbol = f"[unknown] in {Path(dso).name}"
-        counts[symbol + (" [k]" if dso == "[kernel.kallsyms]" else "")] += 1
+        counts[symbol + (" [k]" if dso == "[kernel.kallsyms]" or dso.startswith("[") else "")] += 1
+    if perf_script.strip() and not parsed:
+        raise ValueError(f"no sample in perf script's output could be read: {perf_script[:200]!r}")
     return counts
 
 
@@ -205,25 +249,36 @@ def queued(url: str) -> int:
 
 
 def drain(stack: bench.PrivateStack, perf_out: Path | None) -> tuple[dict, int, list[int]]:
-    """One service-app draining the jobs queued: CPU per job of it, RabbitMQ and Redis; how many."""
+    """One service-app draining the jobs queued: CPU per job of it, RabbitMQ and Redis (counted
+    from when it is ready until RabbitMQ and Redis are quiet after the last job); how many jobs
+    that covers."""
     count = queued(stack.rabbit.url)
+    if count == 0:
+        raise RuntimeError("nothing queued to drain: the ingest run left no job")
     nodes = bench.node_pids(stack)
     bench.wait_until_quiet(nodes)
     worker = stack.worker(bench.bench_env(stack), name="worker-drain").wait_ready()
     meter = Meter({"worker": [worker.proc.pid], "rabbitmq": [nodes["rabbitmq"]], "redis": [nodes["redis"]]})
     meter.start()
+    already = processed(worker)  # it consumes from before it reports ready
     deadline = time.monotonic() + max(120, count / 200)
     try:
         with perf_record(perf_out):
-            while processed(worker) < count:
+            while (done := processed(worker)) < count:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the drain of {count} jobs did not finish")
+                    raise RuntimeError(f"the drain stopped at {done} of {count} jobs succeeded")
                 time.sleep(0.1)
-        used = meter.per_item(count)
+            bench.wait_until_quiet(nodes)
+        used = meter.per_item(count - already)
     finally:
         worker.stop()
     used.pop("client")
-    return used, count, [worker.proc.pid]
+    return used, count - already, [worker.proc.pid]
+
+
+def count_until_sent(meter: Meter, into: list[dict], sent: int) -> None:
+    """end_to_end's on_sent: the CPU per request up to the last answer (not the read-back)."""
+    into.append(meter.per_item(sent))
 
 
 def total(used: dict[str, dict[str, float]]) -> float:
@@ -260,6 +315,8 @@ def table(r: dict[str, Any]) -> str:
                 shares = " | ".join(f"{used['api'][role]:,.0f}" for _, used in columns)
                 lines.append(f"| api: {role} | {shares} |")
     lines.append("| all | " + " | ".join(f"{total(used):,.0f}" for _, used in columns) + " |")
+    lines.append("| all but the client | " + " | ".join(
+        f"{total({k: v for k, v in used.items() if k != 'client'}):,.0f}" for _, used in columns) + " |")
     for name, rows in r.get("grown", {}).items():
         lines += ["", f"{name}: the symbols whose CPU per job grew most, saturation → end to end (µs)"]
         lines += [f"  {before:7.1f} → {after:7.1f}  {symbol}" for symbol, before, after in rows]
@@ -270,9 +327,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(bench.ROOT / "reports" / "bench" / "trickle"))
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--rounds", type=int, default=2, help="end-to-end runs with and without the busy loops, each")
+    parser.add_argument("--rounds", type=int, default=3, help="end-to-end runs with and without the busy loops, each")
     parser.add_argument("--no-perf", action="store_true", help="skip perf even where it is installed")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the cleanup below runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     use_perf = not args.no_perf and shutil.which("perf") is not None
@@ -287,10 +345,15 @@ def main() -> int:
             store.flushdb()
             bench.wait_until_quiet(nodes)
             api_pids = bench.server_pids(api)
-            meter = Meter({"api": api_pids, "rabbitmq": [nodes["rabbitmq"]], "redis": [nodes["redis"]]})
+            meter = Meter({"api": api_pids, "rabbitmq": [nodes["rabbitmq"]], "redis": [nodes["redis"]]},
+                          arbiter=api.proc.pid)
             meter.start()
             with perf_record(work / "ingest.data" if use_perf else None):
                 ingest = bench.run_wrk(api.url, args.seconds, 50)
+                bench.wait_until_quiet(nodes)
+            if ingest["non_2xx"] or ingest["socket_errors"]:
+                raise RuntimeError(f"ingest: {ingest['non_2xx']} non-2xx answers, {ingest['socket_errors']} "
+                                   f"socket errors")
             r["ingest"] = meter.per_item(ingest["requests"])
             r["ingest"].pop("client")
             r["ingest_rps"] = ingest["rps"]
@@ -311,13 +374,15 @@ def main() -> int:
                 for i in range(args.rounds * 2):
                     no_halt = i % 2 == 1
                     bench.wait_until_quiet(nodes)
-                    meter = Meter(groups)
+                    meter = Meter(groups, arbiter=api.proc.pid)
+                    counted: list[dict] = []
                     perf_out = work / f"e2e-{i}.data" if use_perf else None  # every run sampled alike
                     with vcpus_kept_from_halting() if no_halt else nullcontext():
                         meter.start()
                         with perf_record(perf_out):
-                            result = bench.end_to_end(api, store, rate, args.seconds)
-                        used = meter.per_item(result["sent"])
+                            result = bench.end_to_end(api, store, rate, args.seconds,
+                                                      on_sent=partial(count_until_sent, meter, counted))
+                        used = counted[0]
                     store.flushdb()
                     runs["e2e_no_halt" if no_halt else "e2e"].append(used)
                     if not no_halt:

@@ -5,6 +5,10 @@ Run by `make test` (pytest.ini's testpaths)."""
 import collections
 import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,9 +28,17 @@ PERF_SCRIPT = """\
 
 
 def test_samples_by_symbol_counts_only_the_given_processes_and_marks_kernel_symbols():
-    counts = trickle.samples_by_symbol(PERF_SCRIPT, {3937, 3938, 3836})
+    kernel_module = " 3937  ffffffffc0a01234 vcpu_enter_guest ([kvm])\n"
+    counts = trickle.samples_by_symbol(PERF_SCRIPT + kernel_module, {3937, 3938, 3836})
     assert counts == {"_PyEval_EvalFrameDefault": 2, "finish_task_switch.isra.0 [k]": 1,
-                      "[unknown] in libc.so.6": 1, "[unknown] in memfd:vmem (deleted)": 1}
+                      "vcpu_enter_guest [k]": 1, "[unknown] in libc.so.6": 1,
+                      "[unknown] in memfd:vmem (deleted)": 1}
+
+
+def test_perf_output_that_cannot_be_read_is_an_error_not_an_empty_profile():
+    with pytest.raises(ValueError, match="no sample"):
+        trickle.samples_by_symbol("3937 some other format\n", {3937})
+    assert trickle.samples_by_symbol("", {3937}) == {}  # nothing recorded: nothing to read
 
 
 def test_grown_lists_the_symbols_whose_cost_per_item_grew_most():
@@ -40,10 +52,24 @@ def test_grown_lists_the_symbols_whose_cost_per_item_grew_most():
 
 
 def test_api_thread_roles_main_then_the_busiest_other_thread_as_the_publisher_loop():
-    before = {10: {10: 1.0}, 20: {20: 5.0, 21: 10.0, 22: 1.0, 23: 1.0}}
-    after = {10: {10: 1.5}, 20: {20: 6.0, 21: 13.0, 22: 2.0, 23: 2.5, 24: 0.5}}  # 24: a thread started since
-    roles = trickle.api_thread_roles(before, after)
-    assert roles == pytest.approx({"main": 0.5 + 1.0, "publisher loop": 3.0, "request threads": 1.0 + 1.5 + 0.5})
+    # 10: the arbiter, whose metrics-server thread (11) is not a publisher loop; 20 and 30: workers
+    before = {10: {10: 1.0, 11: 0.0}, 20: {20: 5.0, 21: 10.0, 22: 1.0, 23: 1.0}, 30: {30: 1.0, 31: 2.0, 32: 1.0}}
+    after = {10: {10: 1.5, 11: 0.75}, 20: {20: 6.0, 21: 13.0, 22: 2.0, 23: 2.5, 24: 0.5},  # 24: started since
+             30: {30: 1.5, 31: 4.0, 32: 1.25}}
+    roles = trickle.api_thread_roles(before, after, arbiter=10)
+    assert roles == pytest.approx({"arbiter": 0.5 + 0.75, "main": 1.0 + 0.5, "publisher loop": 3.0 + 2.0,
+                                   "request threads": 1.0 + 1.5 + 0.5 + 0.25})
+
+
+def test_the_meter_gives_cpu_per_item_of_each_group_and_of_this_process():
+    meter = trickle.Meter({"self": [os.getpid()]})
+    meter.start()
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    used = meter.per_item(100)  # 0.2 s over 100 items: 2,000 µs each
+    for name in ("self", "client"):  # the client is this very process
+        assert 1_500 <= used[name]["user"] + used[name]["kernel"] <= 4_000, used
 
 
 def test_thread_and_process_cpu_grow_with_work_done():
@@ -59,7 +85,7 @@ def test_thread_and_process_cpu_grow_with_work_done():
     assert trickle.user_kernel_seconds([2**22 + 1]) == (0.0, 0.0)  # no such process: nothing, no error
 
 
-def test_the_busy_loops_yield_to_everything_else():
+def test_the_busy_loops_run_at_the_idle_priority_in_a_group_of_their_own_and_stop_after():
     with trickle.vcpus_kept_from_halting() as spinners:
         assert len(spinners) == len(os.sched_getaffinity(0))
         for spinner in spinners:
@@ -73,7 +99,7 @@ def test_table_adds_the_drain_to_saturation_and_shows_the_api_roles():
     def used(user: float, kernel: float, **roles: float) -> dict[str, float]:
         return {"user": user, "kernel": kernel, **roles}
 
-    api_roles = {"main": 50.0, "publisher loop": 150.0, "request threads": 800.0}
+    api_roles = {"arbiter": 5.0, "main": 50.0, "publisher loop": 150.0, "request threads": 800.0}
     r = {"rate": 600, "e2e_p99_ms": [40.0, 60.0], "e2e_busy": [0.9, 0.88],
          "ingest": {"api": used(700, 300, **api_roles), "rabbitmq": used(100, 50), "redis": used(20, 10)},
          "drain": {"worker": used(300, 100), "rabbitmq": used(60, 40), "redis": used(50, 30)},
@@ -88,5 +114,33 @@ def test_table_adds_the_drain_to_saturation_and_shows_the_api_roles():
     assert "| client | – | 180 (120 + 60) | 130 (90 + 40) |" in text  # wrk is not counted under saturation
     assert "| api: publisher loop | 150 | 150 | 150 |" in text
     assert "| all | 1,760 | 2,740 | 2,430 |" in text
+    assert "| all but the client | 1,760 | 2,560 | 2,300 |" in text
     assert "p99 40.0, 60.0 ms, machine busy 0.90, 0.88" in text
     assert "250.0 →   380.0  _PyEval_EvalFrameDefault" in text
+
+
+def test_the_busy_loops_die_with_the_process_that_started_them():
+    starter = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import time
+        from jobs_devtools.bench import trickle_profile
+        with trickle_profile.vcpus_kept_from_halting() as spinners:
+            print(" ".join(str(s.pid) for s in spinners), flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in starter.stdout.readline().split()]
+        assert pids and all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    finally:
+        starter.send_signal(signal.SIGKILL)  # no cleanup of its own runs
+        starter.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
