@@ -41,12 +41,32 @@ API_TARGET = "main_app.wsgi:app"
 
 
 def free_port() -> int:
-    while True:
+    """A port free now, from 20000-29999 when that lies below the kernel's ephemeral range. A port of
+    that range can become the source port of any outgoing connection (a client's, a node's) before
+    the server meant for it binds it, and that server then fails with "address in use": outgoing
+    connections never take a port outside it. 30000-32767 is Kubernetes' NodePort range, which a
+    sandbox cluster's kube-proxy may route."""
+    low, _ = ephemeral_port_range()
+    below = range(20_000, min(30_000, low)) if min(30_000, low) - 20_000 >= 1_000 else None
+    for _ in range(200):
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", secrets.choice(below) if below else 0))
+            except OSError:  # taken: draw again
+                continue
             port = sock.getsockname()[1]
         if port not in SYSTEM_PORTS:
             return port
+    raise RuntimeError("no free port found in 200 draws")
+
+
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux's default when unreadable)."""
+    try:
+        low, high = path.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
