@@ -27,6 +27,7 @@ import collections
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -150,13 +151,20 @@ class Meter:
 
 @contextmanager
 def perf_record(out: Path | None) -> Iterator[None]:
-    """perf samples every CPU while the block runs (nothing when out is None)."""
+    """perf samples every CPU while the block runs (nothing when out is None). perf starts with its
+    events disabled, and the block begins once perf has acknowledged enabling them: it needs a few
+    hundred milliseconds to set up, which would otherwise go unsampled."""
     if out is None:
         yield
         return
-    perf = subprocess.Popen(["perf", "record", "-a", "-F", str(PERF_HZ), "-o", str(out)],
+    control, ack = out.with_suffix(".ctl"), out.with_suffix(".ack")
+    os.mkfifo(control)
+    os.mkfifo(ack)
+    perf = subprocess.Popen(["perf", "record", "-a", "-F", str(PERF_HZ), "-D", "-1",
+                             "--control", f"fifo:{control},{ack}", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
+        enable(perf, control, ack)
         yield
     finally:
         perf.send_signal(signal.SIGINT)
@@ -167,6 +175,34 @@ def perf_record(out: Path | None) -> Iterator[None]:
             _, errors = perf.communicate()
     if not out.exists():  # only once the block succeeded: its own error comes first
         raise SystemExit(f"perf recorded nothing (exit code {perf.returncode}): {errors.strip()}")
+
+
+def enable(perf: subprocess.Popen, control: Path, ack: Path, timeout: float = 30) -> None:
+    """Have a `perf record -D -1 --control fifo:control,ack` enable its events; return once it says so."""
+    deadline = time.monotonic() + timeout
+    while True:  # a FIFO opens for writing only once perf has it open for reading
+        try:
+            control_fd = os.open(control, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if perf.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"perf did not start (exit code {perf.poll()})") from None
+            time.sleep(0.01)
+    ack_fd = os.open(ack, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.write(control_fd, b"enable\n")
+        answer = b""
+        while b"ack" not in answer:
+            if perf.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("perf did not acknowledge enabling its events")
+            if select.select([ack_fd], [], [], 0.1)[0]:
+                read = os.read(ack_fd, 64)
+                answer += read
+                if not read:  # perf has not opened its end yet
+                    time.sleep(0.01)
+    finally:
+        os.close(control_fd)
+        os.close(ack_fd)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ Run by `make test` (pytest.ini's testpaths)."""
 import collections
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,3 +145,25 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_median_of_takes_each_part_of_each_process_across_runs():
+    runs = [{"api": {"user": u, "kernel": k, "main": m}} for u, k, m in ((100, 10, 5), (300, 30, 1), (200, 90, 3))]
+    assert trickle.median_of(runs) == {"api": {"user": 200, "kernel": 30, "main": 3}}
+
+
+@pytest.mark.skipif(shutil.which("perf") is None or os.geteuid() != 0, reason="needs perf, as root")
+def test_perf_records_every_cpu_while_the_block_runs(tmp_path):
+    data = tmp_path / "busy.data"
+    with trickle.perf_record(data):
+        deadline = time.process_time() + 0.3
+        while time.process_time() < deadline:
+            pass
+    samples = trickle.read_samples(data, {os.getpid()})
+    assert sum(samples.values()) >= 0.3 * trickle.PERF_HZ * 0.5  # this process was sampled while busy
+
+
+def test_no_perf_output_means_no_recording(tmp_path):
+    with trickle.perf_record(None):
+        pass
+    assert list(tmp_path.iterdir()) == []
