@@ -46,8 +46,8 @@ def free_port() -> int:
     the server meant for it binds it, and that server then fails with "address in use": outgoing
     connections never take a port outside it. 30000-32767 is Kubernetes' NodePort range, which a
     sandbox cluster's kube-proxy may route."""
-    low, _ = ephemeral_port_range()
-    below = range(20_000, min(30_000, low)) if min(30_000, low) - 20_000 >= 1_000 else None
+    top = min(30_000, ephemeral_port_range()[0])
+    below = range(20_000, top) if top - 20_000 >= 1_000 else None
     for _ in range(200):
         with socket.socket() as sock:
             try:

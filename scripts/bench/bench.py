@@ -172,16 +172,25 @@ def rss_mb(pid: int) -> float | None:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_seconds(stat: Path) -> tuple[float, float]:
+    """User and kernel CPU seconds from a /proc/<pid>/stat (the whole process, all its threads) or
+    /proc/<pid>/task/<tid>/stat (one thread) file; (0, 0) when it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK  # utime, stime
+
+
+def user_kernel_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and kernel CPU seconds used so far by these processes (all their threads)."""
+    times = [stat_seconds(Path(f"/proc/{pid}/stat")) for pid in pids]
+    return sum(user for user, _ in times), sum(kernel for _, kernel in times)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time used so far by these processes (all their threads)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
+    return sum(user_kernel_seconds(pids))
 
 
 def node_pids(stack: PrivateStack) -> dict[str, int]:
@@ -445,6 +454,12 @@ def prefill_jobs(url: str, store: redis.Redis, count: int) -> None:
 # ---------------------------------------------------------------- service-app
 
 
+def jobs_succeeded(worker: App) -> int:
+    """How many jobs this service-app process has run to `succeeded`, from its own metrics."""
+    with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
+        return int(metric_value(response.read().decode(), "jobs_worker_jobs_processed_total", 'outcome="succeeded"'))
+
+
 def metric_value(text: str, name: str, labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -470,12 +485,10 @@ def worker_drain(stack: PrivateStack, count: int, tag: str, env: dict[str, str],
             if not proc.alive():
                 raise RuntimeError(f"service-app exited: {proc.output()[-2000:]}")
             try:
-                with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
-                    text = response.read().decode()
+                done = jobs_succeeded(worker)
             except OSError:
                 time.sleep(0.1)
                 continue
-            done = metric_value(text, "jobs_worker_jobs_processed_total", 'outcome="succeeded"')
             samples.append((time.perf_counter(), done, rss_mb(proc.pid), cpu_seconds([proc.pid]),
                             cpu_seconds([rabbit.os_pid() or 0]), cpu_seconds([store_node.process.pid])))
             if done >= count:

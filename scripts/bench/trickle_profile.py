@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -67,32 +66,13 @@ IDLE_SPIN = ("import ctypes, os, signal\n"
              "    pass\n")
 
 
-def user_kernel_seconds(pids: list[int]) -> tuple[float, float]:
-    """User and kernel CPU seconds used so far by these processes (all their threads)."""
-    user = kernel = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user, kernel = user + int(fields[11]), kernel + int(fields[12])
-    return user / bench._TICK, kernel / bench._TICK
-
-
 def thread_seconds(pid: int) -> dict[int, float]:
     """CPU seconds (user + kernel) used so far by each live thread of a process."""
-    used: dict[int, float] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
-        return used
-    for task in tasks:
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        used[int(task.name)] = (int(fields[11]) + int(fields[12])) / bench._TICK
-    return used
+        return {}
+    return {int(task.name): sum(bench.stat_seconds(task / "stat")) for task in tasks}
 
 
 def api_thread_roles(before: dict[int, dict[int, float]], after: dict[int, dict[int, float]],
@@ -128,7 +108,7 @@ class Meter:
 
     def _now(self) -> dict[str, tuple[float, float]]:
         times = os.times()
-        return {**{name: user_kernel_seconds(pids) for name, pids in self.groups.items()},
+        return {**{name: bench.user_kernel_seconds(pids) for name, pids in self.groups.items()},
                 "client": (times.user, times.system)}
 
     def _api_threads(self) -> dict[int, dict[int, float]]:
@@ -269,12 +249,6 @@ def grown(before: collections.Counter[str], before_items: int, after: collection
     return rows[:top]
 
 
-def processed(worker: bench.App) -> int:
-    with urllib.request.urlopen(worker.metrics_url, timeout=5) as response:
-        return int(bench.metric_value(response.read().decode(), "jobs_worker_jobs_processed_total",
-                                      'outcome="succeeded"'))
-
-
 def queued(url: str) -> int:
     """Messages ready on the jobs queue."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -296,11 +270,11 @@ def drain(stack: bench.PrivateStack, perf_out: Path | None) -> tuple[dict, int, 
     worker = stack.worker(bench.bench_env(stack), name="worker-drain").wait_ready()
     meter = Meter({"worker": [worker.proc.pid], "rabbitmq": [nodes["rabbitmq"]], "redis": [nodes["redis"]]})
     meter.start()
-    already = processed(worker)  # it consumes from before it reports ready
+    already = bench.jobs_succeeded(worker)  # it consumes from before it reports ready
     deadline = time.monotonic() + max(120, count / 200)
     try:
         with perf_record(perf_out):
-            while (done := processed(worker)) < count:
+            while (done := bench.jobs_succeeded(worker)) < count:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the drain stopped at {done} of {count} jobs succeeded")
                 time.sleep(0.1)

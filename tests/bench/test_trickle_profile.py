@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs_devtools.bench import bench
 from jobs_devtools.bench import trickle_profile as trickle
 
 PERF_SCRIPT = """\
@@ -75,15 +76,15 @@ def test_the_meter_gives_cpu_per_item_of_each_group_and_of_this_process():
 
 def test_thread_and_process_cpu_grow_with_work_done():
     pid = os.getpid()
-    user_before, kernel_before = trickle.user_kernel_seconds([pid])
+    user_before, kernel_before = bench.user_kernel_seconds([pid])
     threads_before = trickle.thread_seconds(pid)
     deadline = time.process_time() + 0.1
     while time.process_time() < deadline:
         pass
-    user_after, kernel_after = trickle.user_kernel_seconds([pid])
+    user_after, kernel_after = bench.user_kernel_seconds([pid])
     assert user_after + kernel_after >= user_before + kernel_before + 0.05
     assert trickle.thread_seconds(pid)[pid] >= threads_before[pid] + 0.05  # the main thread did it
-    assert trickle.user_kernel_seconds([2**22 + 1]) == (0.0, 0.0)  # no such process: nothing, no error
+    assert bench.user_kernel_seconds([2**22 + 1]) == (0.0, 0.0)  # no such process: nothing, no error
 
 
 def test_the_busy_loops_run_at_the_idle_priority_in_a_group_of_their_own_and_stop_after():
