@@ -168,3 +168,16 @@ def test_no_perf_output_means_no_recording(tmp_path):
     with trickle.perf_record(None):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_perf_that_cannot_start_stops_the_run_with_its_exit_code(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "perf"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'perf: no permission' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    ran = False
+    with pytest.raises(RuntimeError, match=r"perf did not start \(exit code 3\)"):
+        with trickle.perf_record(tmp_path / "out.data"):
+            ran = True
+    assert not ran  # nothing was measured without it
