@@ -250,7 +250,8 @@ def grown(before: collections.Counter[str], before_items: int, after: collection
 
 
 def queued(url: str) -> int:
-    """Messages ready on the jobs queue."""
+    """Messages ready on the jobs queue, exact now (RabbitNode.queue_counts reads rabbitmqctl's
+    statistics, which lag by up to their emission interval: 0 just after an ingest)."""
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         return connection.channel().queue_declare(topology.QUEUE, passive=True).method.message_count
