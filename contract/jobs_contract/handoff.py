@@ -75,14 +75,18 @@ class Handoff(Generic[T]):
 class Reply(Generic[T]):
     """The answer to one handed-over item, awaited by the one thread that handed it over.
 
-    The states and methods of a concurrent.futures.Future that the hand-off uses (pending →
-    running or cancelled → finished; cancel() succeeds only while pending), at a fraction of
-    its cost: one lock for the state, and one held lock that finishing releases, instead of a
-    condition variable, a waiter lock per wait and callbacks. One waiter only."""
+    The states and methods of a concurrent.futures.Future that the hand-off uses, at a fraction
+    of its cost: one lock for the state, and one held lock that finishing releases, instead of
+    a condition variable, a waiter lock per wait and callbacks. One waiter only.
+
+    Beyond a Future's: pending → running (taken) → committed (the consumer is about to act on it
+    for good: publish) → finished. cancel() succeeds only while pending, withdraw() also while
+    running, until the consumer commits. An answer set after either is dropped: the waiter is
+    gone."""
 
     __slots__ = ("_state", "_value", "_error", "_lock", "_finished")
 
-    _PENDING, _RUNNING, _CANCELLED, _FINISHED = range(4)
+    _PENDING, _RUNNING, _COMMITTED, _CANCELLED, _FINISHED = range(5)
 
     def __init__(self) -> None:
         self._state = self._PENDING
@@ -102,10 +106,30 @@ class Reply(Generic[T]):
 
     def cancel(self) -> bool:
         """The waiter gives up: True if the consumer had not taken it yet (it never will)."""
+        return self._cancel_from(self._PENDING)
+
+    def withdraw(self) -> bool:
+        """The waiter gives up on a taken item too: True unless the consumer has committed to it
+        or answered it (then it acts on it, or has)."""
+        return self._cancel_from(self._PENDING, self._RUNNING)
+
+    def _cancel_from(self, *states: int) -> bool:
         with self._lock:
-            if self._state == self._PENDING:
+            if self._state in states:
                 self._state = self._CANCELLED
             return self._state == self._CANCELLED
+
+    def commit(self) -> bool:
+        """The consumer is about to act on a taken item for good: True, unless the waiter cancelled
+        it or it is answered already (False: leave it)."""
+        with self._lock:
+            if self._state != self._RUNNING:
+                return False
+            self._state = self._COMMITTED
+            return True
+
+    def cancelled(self) -> bool:
+        return self._state == self._CANCELLED
 
     def done(self) -> bool:
         return self._state in (self._CANCELLED, self._FINISHED)
@@ -118,8 +142,10 @@ class Reply(Generic[T]):
 
     def _finish(self, value: T | None, error: BaseException | None) -> None:
         with self._lock:
-            if self._state in (self._CANCELLED, self._FINISHED):
-                raise InvalidStateError(f"already {'cancelled' if self._state == self._CANCELLED else 'finished'}")
+            if self._state == self._CANCELLED:
+                return  # its waiter gave up: nobody reads this answer
+            if self._state == self._FINISHED:
+                raise InvalidStateError("already finished")
             self._value, self._error, self._state = value, error, self._FINISHED
         self._finished.release()
 

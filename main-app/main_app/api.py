@@ -14,7 +14,7 @@ from main_app.auth import TokenAuthenticator
 from main_app.broker import Publisher
 from main_app.config import Settings
 from main_app.openapi import openapi_document
-from main_app.submission import Submissions, store_recorder
+from main_app.submission import StoreRecorder, Submissions
 
 
 class JobsApp(Flask):
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None, store: JobStore | None = None,
                                        idempotency_ttl_seconds=settings.idempotency_ttl_seconds)
     publisher = publisher or Publisher(settings.rabbitmq_url, declare_topology=settings.declare_topology,
                                        stall_seconds=settings.publish_timeout_seconds,
-                                       recorder=store_recorder(store)).start()
+                                       recorder=StoreRecorder(store)).start()
     metrics.initialise(JOB_TYPES)
 
     app = JobsApp(__name__)

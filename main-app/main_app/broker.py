@@ -9,7 +9,9 @@ A message may come with a record to write first (publish(record=...)): the loop 
 the records of everything it takes from the outbox with one call of the `recorder`
 (main-app's: JobStore.create_many, one Redis round trip for the batch) and publishes
 only what was recorded, so a submission costs its request thread one hand-off and one
-wait, not a store round trip of its own besides.
+wait, not a store round trip of its own besides. A request that gives up waiting before
+its message is published (a slow record) is never published: the loop removes the
+record it wrote for it (the recorder's `discard`), so its 503 means not accepted.
 
 A request thread wakes the loop of the connection it saw; the wake-up is tied to
 that connection, so one lost with a dead connection cannot silence the next, and
@@ -23,8 +25,8 @@ a request thread for the whole timeout each.
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import pika
 from pika.adapters.select_connection import SelectConnection
@@ -52,6 +54,11 @@ class BrokerUnavailable(Exception):
         self.before_handover = before_handover
 
 
+class RecordTimeout(Exception):
+    """The message's record was not written in time: the message is never published, and the
+    publisher's loop removes the record if it is written after all."""
+
+
 # The loop drains the outbox this often even if no wake-up reached it.
 BACKSTOP_DRAIN_SECONDS = 0.2
 
@@ -66,10 +73,15 @@ class _Outgoing(NamedTuple):
     record: Any = None  # written by the recorder before publishing, when given
 
 
-# Writes the records of a batch; for each: None (written: publish the message), an exception
-# (fails that message, unpublished), or any other value (its answer, unpublished). Raising fails
-# the whole batch, unpublished.
-Recorder = Callable[[list[Any]], Sequence[Any]]
+class Recorder(Protocol):
+    def record(self, records: list[Any]) -> Sequence[Any]:
+        """Write the records of a batch; for each: None (written: publish the message), an
+        exception (fails that message, unpublished), or any other value (its answer,
+        unpublished). Raising fails the whole batch, unpublished."""
+
+    def discard(self, records: list[Any]) -> None:
+        """Remove records `record` wrote whose messages will never be published (their requests
+        gave up waiting while they were written)."""
 
 
 class Publisher:
@@ -132,7 +144,9 @@ class Publisher:
                 timeout: float, record: Any = None) -> Any:
         """Publish and wait for the broker's confirm; raise BrokerUnavailable otherwise. With a
         record, the recorder writes it first: its error is raised (nothing published), and an
-        answer other than None is returned instead of publishing; None means published."""
+        answer other than None is returned instead of publishing; None means published. A record
+        not written within the timeout (and a second up to one more timeout) raises RecordTimeout:
+        nothing is published, and nothing of it is left for the caller to remove."""
         if record is not None and self._recorder is None:
             raise ValueError("a record to write, but this publisher has no recorder")
         connection = self._connection
@@ -154,10 +168,13 @@ class Publisher:
             if future.cancel():
                 raise BrokerUnavailable(f"RabbitMQ took no message within {timeout:g}s", before_handover=True) \
                     from None
-            # Being recorded or already on the wire: its confirm may be just arriving.
+            # Being recorded or already on the wire: its record's answer or its confirm may be just arriving.
             try:
                 return future.result(min(1.0, timeout))
             except TimeoutError:
+                # Still being recorded: never published, and the loop removes the record it writes.
+                if future.withdraw():
+                    raise RecordTimeout(f"not recorded within {timeout + min(1.0, timeout):g}s") from None
                 raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
                     from None
 
@@ -274,26 +291,44 @@ class Publisher:
         connection.ioloop.call_later(BACKSTOP_DRAIN_SECONDS, lambda: self._drain_periodically(connection))
 
     def _publish_outbox(self) -> None:
-        # A message whose request gave up waiting (and answered 503) is never recorded nor published.
+        # A message whose request gave up waiting (and answered 503) is never published: not taken
+        # if it gave up first, and its record removed if it gave up while that was being written.
         batch = [item for item in self._outbox.take() if item.future.set_running_or_notify_cancel()]
         to_record = [item for item in batch if item.record is not None]
-        if to_record:
-            self._record(to_record)
+        written = {id(item) for item in self._record(to_record)} if to_record else set()
+        given_up = []  # records written for requests that gave up meanwhile (answered 503)
         with sent_at_once(self._connection):
             for item in batch:
-                if not item.future.done():  # not answered by its record
+                if item.record is not None and id(item) not in written:
+                    continue  # answered by its record
+                if item.future.commit():
                     self._publish_on_loop(item)
+                elif item.record is not None:
+                    given_up.append(item.record)
+        if given_up:
+            self._discard(given_up)
 
-    def _record(self, items: list[_Outgoing]) -> None:
+    def _record(self, items: list[_Outgoing]) -> list[_Outgoing]:
+        """Write the items' records; answer those that are not to be published; return the rest."""
         try:
-            answers = self._recorder([item.record for item in items])
+            answers = self._recorder.record([item.record for item in items])
         except Exception as exc:  # noqa: BLE001 - the store's failure is each request's answer
             answers = [exc] * len(items)
+        written = []
         for item, answer in zip(items, answers, strict=True):
             if isinstance(answer, BaseException):
                 item.future.set_exception(answer)
             elif answer is not None:
                 item.future.set_result(answer)
+            else:
+                written.append(item)
+        return written
+
+    def _discard(self, records: list[Any]) -> None:
+        try:
+            self._recorder.discard(records)
+        except Exception as exc:  # noqa: BLE001 - never kill the loop; the records expire with their TTL
+            log.warning("could not remove the records of %d unpublished jobs: %s", len(records), exc)
 
     def _publish_on_loop(self, item: _Outgoing) -> None:
         exchange, routing_key, body, properties, future = item[:5]

@@ -21,7 +21,8 @@ def openapi_document(settings) -> dict[str, Any]:
 
     retry_after = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
     unauthorized = problem("Missing or invalid bearer token")
-    unavailable = problem("RabbitMQ or Redis is unavailable; the job was not accepted", retry_after)
+    unavailable = problem("RabbitMQ or Redis is unavailable; this request was not accepted", retry_after)
+    store_unavailable = problem("Redis (the job store) is unavailable", retry_after)
     accepted = {
         "description": "Accepted: recorded in the job store and confirmed by the broker",
         "headers": {
@@ -89,7 +90,7 @@ def openapi_document(settings) -> dict[str, Any]:
                             "content": {JSON: {"schema": {"$ref": "#/components/schemas/Job"}}}},
                     "401": unauthorized,
                     "404": problem("No such job for this client"),
-                    "503": unavailable,
+                    "503": store_unavailable,
                 },
             }},
             "/healthz": {"get": {

@@ -22,7 +22,7 @@ from jobs_contract import JobMessage, JobStore, topology
 from jobs_contract.catalog import RequestValidator, ValidationFailed
 from jobs_contract.store import IdempotencyRecord, NewJob, utcnow
 from main_app import metrics
-from main_app.broker import BrokerUnavailable, Publisher
+from main_app.broker import BrokerUnavailable, Publisher, RecordTimeout
 from main_app.problems import Problem, RejectReason, unavailable
 
 log = logging.getLogger(__name__)
@@ -74,20 +74,27 @@ _warn_store_failed = _ThrottledWarning()
 _warn_broker_refused = _ThrottledWarning()
 
 
-def timed_store(operation: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """A job store call, timed; Redis errors become a 503 (nothing was accepted)."""
+# What a 503 for a job store failure says: of a submission, nothing of this request was accepted
+# (a job an earlier request had a 202 for stays accepted); of a read, nothing is implied.
+STORE_REFUSED_SUBMISSION = "the job store is unavailable; this request was not accepted"
+STORE_REFUSED_READ = "the job store is unavailable; retry"
+
+
+def timed_store(operation: str, call: Callable[..., T], *args: Any,
+                unavailable_detail: str = STORE_REFUSED_SUBMISSION, **kwargs: Any) -> T:
+    """A job store call, timed; Redis errors become a 503 saying `unavailable_detail`."""
     started = time.perf_counter()
     try:
         return call(*args, **kwargs)
     except redis.RedisError as exc:
-        raise _store_unavailable(operation, exc) from None
+        raise _store_unavailable(operation, exc, unavailable_detail) from None
     finally:
         metrics.child(metrics.STORE_LATENCY, operation).observe(time.perf_counter() - started)
 
 
-def _store_unavailable(operation: str, exc: redis.RedisError) -> Problem:
+def _store_unavailable(operation: str, exc: Exception, detail: str = STORE_REFUSED_SUBMISSION) -> Problem:
     _warn_store_failed("job store %s failed: %s", operation, exc)
-    return unavailable("the job store is unavailable; the job was not accepted", RejectReason.STORE_UNAVAILABLE)
+    return unavailable(detail, RejectReason.STORE_UNAVAILABLE)
 
 
 class Submissions:
@@ -175,7 +182,7 @@ class Submissions:
         try:
             return self.publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, body, properties,
                                           timeout=self.publish_timeout_seconds, record=record)
-        except redis.RedisError as exc:  # the record could not be written: nothing was published
+        except (redis.RedisError, RecordTimeout) as exc:  # not recorded in time: nothing was published
             raise _store_unavailable("create", exc) from None
         except BrokerUnavailable as exc:
             if record is None and not undo_record:
@@ -191,7 +198,7 @@ class Submissions:
                                        keep_key=exc.maybe_published or record is None)
                 except redis.RedisError:
                     log.warning("could not remove the record of unaccepted job %s", message.id)
-            raise unavailable("the message broker is unavailable; the job was not accepted",
+            raise unavailable("the message broker is unavailable; this request was not accepted",
                               RejectReason.BROKER_UNAVAILABLE) from None
         finally:
             metrics.PUBLISH_LATENCY.observe(time.perf_counter() - started)
@@ -253,20 +260,28 @@ def _refuse_integers_beyond_64_bits(body: bytes) -> None:
         pass
 
 
-def store_recorder(store: JobStore) -> Callable[[list[NewJob]], list[Any]]:
-    """The publisher's recorder: a batch of new jobs written to the store in one round trip, timed."""
+class StoreRecorder:
+    """The publisher's recorder: a batch of new jobs written to the store in one round trip, timed;
+    and the records of jobs whose requests gave up before they were published, removed."""
 
-    def record(jobs: list[NewJob]) -> list[Any]:
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def record(self, jobs: list[NewJob]) -> list[Any]:
         started = time.perf_counter()
         try:
-            return store.create_many(jobs)
+            return self.store.create_many(jobs)
         finally:
             elapsed = time.perf_counter() - started
             latency = metrics.child(metrics.STORE_LATENCY, "create")
             for _ in jobs:
                 latency.observe(elapsed)
 
-    return record
+    def discard(self, jobs: list[NewJob]) -> None:
+        for job in jobs:  # never published: the key goes too, and a retry with it creates the job anew
+            _warn_broker_refused("job %s not accepted: %s", job.job_id,
+                                 "its request gave up while it was being recorded")
+            self.store.discard(job.job_id, job.client, job.idempotency and job.idempotency[0])
 
 
 def _replay(job: dict[str, Any]) -> Accepted:

@@ -16,7 +16,7 @@ from jobs_contract import JobStore
 from main_app.auth import TokenAuthenticator
 from main_app.broker import Publisher
 from main_app.problems import Problem, RejectReason
-from main_app.submission import Accepted, Submissions, timed_store
+from main_app.submission import STORE_REFUSED_READ, Accepted, Submissions, timed_store
 
 JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -72,7 +72,8 @@ def _body(this_request: Request) -> bytes:
 @jobs.get("/jobs/<job_id>")
 def job_status(job_id: str) -> Response:
     client = _client()
-    job = timed_store("get", _context().store.get, job_id) if JOB_ID.fullmatch(job_id) else None
+    job = (timed_store("get", _context().store.get, job_id, unavailable_detail=STORE_REFUSED_READ)
+           if JOB_ID.fullmatch(job_id) else None)
     if job is None or job["client"] != client:
         raise Problem(404, "Not Found", f"no job {job_id!r}", reason=None)
     del job["client"]

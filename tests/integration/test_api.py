@@ -642,3 +642,47 @@ def test_a_retry_after_an_ambiguous_503_gets_the_same_job(quick_app, redis_clien
     again = _retry_until_not_409(client, "amb-1", body, timeout=15)
     assert again.status_code == 202, again.get_json()
     assert again.get_json()["id"] == queued
+
+
+# Keeps Redis busy (every client waits) for ARGV[1] microseconds.
+_BUSY_REDIS = ("local t0 = redis.call('TIME') repeat local t = redis.call('TIME') "
+               "until (t[1] - t0[1]) * 1e6 + (t[2] - t0[2]) > tonumber(ARGV[1]) return 1")
+
+
+def test_a_request_that_gave_up_while_its_job_was_recorded_is_never_published(quick_app, redis_client, amqp):
+    """Redis answers the publisher's record late (busy 1.8 s: slower than the request's wait, quicker
+    than the store's socket timeout). The request answers 503 before anything reached RabbitMQ:
+    that job must never be published, and its record and key go, so a retry with the key creates
+    the job anew and it is queued once."""
+    client = quick_app.test_client()
+    body = {"type": "echo", "payload": {"order": 4}}
+    busy = threading.Thread(target=lambda: redis_client.eval(_BUSY_REDIS, 0, 1_800_000))
+    busy.start()
+    time.sleep(0.1)
+    refused = _submit(client, "slow-1", body)
+    busy.join()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert refused.get_json()["detail"] == "the job store is unavailable; this request was not accepted"
+    deadline = time.monotonic() + 3  # the loop's pass ends once Redis answers
+    while redis_client.keys("job:*") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # long enough for a publish the loop would still make
+    assert queue_depth(amqp, topology.QUEUE) == 0, "the job answered 503 was published after its answer"
+    assert redis_client.dbsize() == 0, "the unpublished job left its record or key behind"
+    again = _submit(client, "slow-1", body)
+    assert again.status_code == 202, again.get_json()
+    assert queue_depth(amqp, topology.QUEUE) == 1
+
+
+def test_a_job_read_during_a_store_outage_is_not_said_unaccepted(app, client, monkeypatch):
+    """GET /jobs/<id> of an accepted job while Redis is down: 503, retry; not "not accepted"."""
+    accepted = client.post("/jobs", json={"type": "echo"}, headers=AUTH)
+    assert accepted.status_code == 202
+
+    def down(*_args, **_kwargs):
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(app.extensions["jobs_api"].store, "get", down)
+    response = client.get(f"/jobs/{accepted.get_json()['id']}", headers=AUTH)
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert response.get_json()["detail"] == "the job store is unavailable; retry"

@@ -23,7 +23,7 @@ from jobs_contract.handoff import Reply
 from jobs_contract.store import NewJob
 from main_app import broker
 from main_app.api import create_app
-from main_app.broker import BrokerUnavailable, Publisher
+from main_app.broker import BrokerUnavailable, Publisher, RecordTimeout
 
 
 def publish(publisher: Publisher, timeout: float = 3.0) -> None:
@@ -262,18 +262,30 @@ def test_a_confirm_overdue_stalls_the_publisher_until_every_older_message_is_ans
     assert publisher._unconfirmed_since is None and not publisher.stalled
 
 class SpyRecorder:
-    """The store's recorder, counting its calls (each one Redis round trip) and their sizes."""
+    """The store's recorder, counting its calls (each one Redis round trip) and their sizes, and
+    the records it is asked to remove."""
 
     def __init__(self, store: JobStore, refuse: set[str] = frozenset()):
         self.store = store
         self.refuse = refuse  # job ids answered with a store error instead of being written
         self.batches: list[list[str]] = []
+        self.discarded: list[str] = []
+        self.written = threading.Event()  # set after each batch is written
+        self.answer = threading.Event()  # a batch's answer waits for it (a slow store)
+        self.answer.set()
 
-    def __call__(self, jobs: list[NewJob]) -> list:
+    def record(self, jobs: list[NewJob]) -> list:
         self.batches.append([job.job_id for job in jobs])
         written = self.store.create_many([job for job in jobs if job.job_id not in self.refuse])
+        self.written.set()
+        self.answer.wait(30)
         answers = iter(written)
         return [redis.ResponseError("refused") if job.job_id in self.refuse else next(answers) for job in jobs]
+
+    def discard(self, jobs: list[NewJob]) -> None:
+        for job in jobs:
+            self.discarded.append(job.job_id)
+            self.store.discard(job.job_id, job.client, job.idempotency and job.idempotency[0])
 
 
 def hold_loop(publisher: Publisher) -> threading.Event:
@@ -289,7 +301,7 @@ def publish_recorded(publisher: Publisher, job_id: str, outcomes: dict, timeout:
         try:
             outcomes[job_id] = publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties,
                                                  timeout=timeout, record=NewJob(job_id, "c", "echo", "t"))
-        except (BrokerUnavailable, redis.RedisError) as exc:
+        except (BrokerUnavailable, RecordTimeout, redis.RedisError) as exc:
             outcomes[job_id] = exc
 
     thread = threading.Thread(target=run)
@@ -348,6 +360,26 @@ def test_a_request_that_gave_up_before_the_loop_took_it_is_neither_recorded_nor_
     publish(publisher)  # the loop has run its outbox since
     assert recorder.batches == []
     assert redis_client.exists("job:job-late") == 0
+    assert queue_depth(amqp, topology.QUEUE) == 1  # only the later, unrecorded message
+
+
+def test_a_request_that_gave_up_while_its_record_was_written_is_never_published(
+        recording_publisher, redis_client, amqp):
+    """The record is written, but its answer comes after the request stopped waiting (a slow
+    store): the request is refused (RecordTimeout: never published), and the loop removes the
+    record (and the idempotency key) instead of publishing the message."""
+    publisher, recorder = recording_publisher
+    recorder.answer.clear()
+    outcomes: dict = {}
+    thread = publish_recorded(publisher, "job-slow", outcomes, timeout=0.3)
+    assert recorder.written.wait(10)
+    thread.join(10)
+    assert isinstance(outcomes["job-slow"], RecordTimeout)
+    assert redis_client.exists("job:job-slow") == 1  # written, not yet answered
+    recorder.answer.set()
+    publish(publisher)  # the loop has finished that pass since
+    assert recorder.discarded == ["job-slow"]
+    assert redis_client.exists("job:job-slow") == 0
     assert queue_depth(amqp, topology.QUEUE) == 1  # only the later, unrecorded message
 
 

@@ -192,6 +192,7 @@ def test_reply_hands_a_result_or_an_error_to_the_waiting_thread():
         reply.result(0.01)
     assert reply.set_running_or_notify_cancel()
     assert not reply.cancel()  # taken: too late to cancel
+    assert reply.commit() and not reply.withdraw()  # committed to: too late to withdraw
     setter = threading.Timer(0.05, reply.set_result, args=("confirmed",))
     setter.start()
     assert reply.result(5) == "confirmed"
@@ -209,8 +210,28 @@ def test_a_cancelled_reply_is_never_taken():
     reply = Reply()
     assert reply.cancel() and reply.cancel() and reply.done()
     assert not reply.set_running_or_notify_cancel()
+    reply.set_result("late")  # dropped: nobody waits for it
+    with pytest.raises(TimeoutError):
+        reply.result(0)
+
+
+def test_a_taken_reply_can_be_withdrawn_until_the_consumer_commits_to_it():
+    """The publisher's loop takes a message, writes its record, then commits to publishing it: a
+    request that gives up while the record is written withdraws it, and it is never published."""
+    given_up = Reply()
+    assert given_up.set_running_or_notify_cancel()
+    assert given_up.withdraw() and given_up.cancelled()
+    assert not given_up.commit()  # the loop leaves it
+    given_up.set_exception(RuntimeError("late"))  # dropped
+    with pytest.raises(TimeoutError):
+        given_up.result(0)
+    answered = Reply()  # answered by its record (an existing idempotency key): nothing to commit to
+    assert answered.set_running_or_notify_cancel()
+    answered.set_result("the key's job")
+    assert not answered.commit() and not answered.withdraw()
+    assert answered.result(0) == "the key's job"
     with pytest.raises(InvalidStateError):
-        reply.set_result("late")
+        answered.set_result("twice")
 
 
 def test_one_wake_up_carries_many_items_until_the_loop_takes_them():
