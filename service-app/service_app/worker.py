@@ -151,6 +151,9 @@ class Worker:
             else:
                 # The connection is gone: what finished has nothing left to settle (the broker
                 # requeued it); only jobs still running are waited for, so that none is cut off.
+                # Not connected: a job failing now gives its message back instead of publishing a
+                # retry copy beside the one the broker requeued.
+                self.connected.clear()
                 self.ledger.settle_finished()
                 time.sleep(0.1)
         left = self.ledger.in_hand()

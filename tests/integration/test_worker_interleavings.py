@@ -208,6 +208,33 @@ def test_shutdown_after_a_lost_connection_does_not_wait_out_the_grace_period(rab
     assert store.get(job.id)["status"] == "succeeded"
 
 
+def test_a_job_failing_after_the_connection_died_during_a_drain_leaves_one_copy(rabbit, store, gates, run_worker,
+                                                                                 empty_queues):
+    """SIGTERM, then the broker closes the connection while a job runs: the broker requeues its
+    message. When the job then fails with attempts left, the worker must not also publish a retry
+    copy (two live copies of one job): it gives the message back, and one copy is queued."""
+    running = run_worker(rabbit.url, WORKER_CONCURRENCY="1", SHUTDOWN_GRACE_SECONDS="15", MAX_ATTEMPTS="3")
+    job = submit(rabbit.url, store, "fails", fail=1)
+    assert gates.started["fails"].wait(20)
+    running.worker.stop()  # the drain starts on a live connection
+    time.sleep(0.5)
+    connection = running.worker._connection
+    close_connections(rabbit)
+    wait_until(lambda: not connection.is_open, 20, "the drain did not see the connection go")
+    wait_until(lambda: not running.worker.connected.is_set(), 5, "the drain still counts itself connected")
+    gates.open("fails")
+    running.thread.join(20)
+    assert not running.thread.is_alive()
+    copies = []
+    with broker_channel(rabbit.url) as channel:
+        channel.basic_consume(topology.QUEUE, lambda _ch, _method, properties, _body: copies.append(
+            (properties.message_id, properties.headers.get("x-job-attempt"))))
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            channel.connection.process_data_events(0.1)
+    assert copies == [(job.id, 1)], copies
+
+
 @pytest.fixture
 def retry_publishes(monkeypatch):
     """Set each time anything publishes to the delay exchange (a retry copy), before the broker answers."""
