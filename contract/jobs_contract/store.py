@@ -67,6 +67,20 @@ end
 return 1
 """
 
+# Undo a create whose message is never published (its request gave up while it was being
+# written), compare-and-set. KEYS[1] job key, KEYS[2] idempotency key or absent. ARGV[1] the
+# exact value create wrote under the key. A key that changed since (claimed by a retry, which
+# publishes the job again, or confirmed) is that retry's: key and record stay. Otherwise the
+# key goes, and the record while it is queued.
+_WITHDRAW = """
+if KEYS[2] then
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+  redis.call('DEL', KEYS[2])
+end
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 # Mark an idempotency key confirmed, compare-and-set: only while it names this job.
 # KEYS[1] idempotency key; ARGV: job id, confirmed value. Returns 1 if set.
 _CONFIRM = """
@@ -219,6 +233,16 @@ class NewJob(NamedTuple):
     created_at: str
     idempotency: tuple[str, str] | None = None  # (key, body hash)
     pending_ttl_seconds: int = 30
+    # When its key stops being pending (epoch seconds); None: pending_ttl_seconds after the
+    # write. Fixed in advance, the key's value is known exactly, so withdraw() can compare it.
+    pending_until: float | None = None
+
+    def pending_key_value(self) -> str:
+        """The value create_many writes under this job's idempotency key."""
+        if self.idempotency is None:
+            return ""
+        until = self.pending_until if self.pending_until is not None else time.time() + self.pending_ttl_seconds
+        return IdempotencyRecord(self.job_id, self.idempotency[1], confirmed=False, pending_until=until).encode()
 
 
 class HeldConnectionScripts:
@@ -281,6 +305,7 @@ class JobStore:
         scripts = HeldConnectionScripts(client)
         self._create = scripts.register(_CREATE)
         self._discard = scripts.register(_DISCARD)
+        self._withdraw = scripts.register(_WITHDRAW)
         self._confirm = scripts.register(_CONFIRM)
         self._claim = scripts.register(_CLAIM)
         self._begin = scripts.register(_BEGIN)
@@ -325,11 +350,9 @@ class JobStore:
         args: list[Any] = [self.job_ttl, self.idempotency_ttl]
         for job in jobs:
             job_key = self.job_key(job.job_id)
-            idem_key, idem_value = job_key, ""
+            idem_key, idem_value = job_key, job.pending_key_value()
             if job.idempotency is not None:
                 idem_key = self.idempotency_key(job.client, job.idempotency[0])
-                idem_value = IdempotencyRecord(job.job_id, job.idempotency[1], confirmed=False,
-                                               pending_until=time.time() + job.pending_ttl_seconds).encode()
             keys += (job_key, idem_key)
             args += (idem_value, job.job_id, job.client, job.job_type, job.created_at)
         return [IdempotencyRecord.decode(reply) if reply else None for reply in self._create(keys=keys, args=args)]
@@ -360,6 +383,17 @@ class JobStore:
         if idempotency_key is not None:
             keys.append(self.idempotency_key(client, idempotency_key))
         self._discard(keys=keys, args=[job_id, "1" if keep_key else ""])
+
+    def withdraw(self, job: "NewJob") -> bool:
+        """Undo create_many(job) for a job that will never be published, unless a retry has taken
+        its idempotency key over since (then it owns the key and the record). True if undone.
+        A job with a key must have been created with pending_until set."""
+        keys = [self.job_key(job.job_id)]
+        if job.idempotency is not None:
+            if job.pending_until is None:
+                raise ValueError("withdraw() needs the pending_until the job was created with")
+            keys.append(self.idempotency_key(job.client, job.idempotency[0]))
+        return bool(self._withdraw(keys=keys, args=[job.pending_key_value()]))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(self.job_key(job_id))

@@ -172,9 +172,11 @@ class Publisher:
             try:
                 return future.result(min(1.0, timeout))
             except TimeoutError:
-                # Still being recorded: never published, and the loop removes the record it writes.
-                if future.withdraw():
+                # Its record still being written: never published, and the loop removes the record.
+                if record is not None and future.withdraw():
                     raise RecordTimeout(f"not recorded within {timeout + min(1.0, timeout):g}s") from None
+                if future.done():  # answered just now
+                    return future.result(0)
                 raise BrokerUnavailable(f"no confirm from RabbitMQ within {timeout:g}s", maybe_published=True) \
                     from None
 

@@ -121,7 +121,8 @@ class Submissions:
         existing = self._publish(message, encoded, idempotency,
                                  record=NewJob(message.id, client, job_type, message.created_at,
                                                idempotency and (idempotency.key, idempotency.body_hash),
-                                               self.pending_ttl))
+                                               self.pending_ttl,
+                                               time.time() + self.pending_ttl if idempotency else None))
         republish = existing is not None
         if republish:
             resumed = self._resume(existing, client, idempotency, job_type)
@@ -278,10 +279,10 @@ class StoreRecorder:
                 latency.observe(elapsed)
 
     def discard(self, jobs: list[NewJob]) -> None:
-        for job in jobs:  # never published: the key goes too, and a retry with it creates the job anew
+        for job in jobs:  # never published: the key goes too (unless a retry took it over meanwhile)
             _warn_broker_refused("job %s not accepted: %s", job.job_id,
                                  "its request gave up while it was being recorded")
-            self.store.discard(job.job_id, job.client, job.idempotency and job.idempotency[0])
+            self.store.withdraw(job)
 
 
 def _replay(job: dict[str, Any]) -> Accepted:

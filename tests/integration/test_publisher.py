@@ -20,7 +20,7 @@ from test_api import AUTH, make_settings
 from conftest import queue_depth
 from jobs_contract import JobStore, topology
 from jobs_contract.handoff import Reply
-from jobs_contract.store import NewJob
+from jobs_contract.store import IdempotencyRecord, NewJob
 from main_app import broker
 from main_app.api import create_app
 from main_app.broker import BrokerUnavailable, Publisher, RecordTimeout
@@ -285,7 +285,7 @@ class SpyRecorder:
     def discard(self, jobs: list[NewJob]) -> None:
         for job in jobs:
             self.discarded.append(job.job_id)
-            self.store.discard(job.job_id, job.client, job.idempotency and job.idempotency[0])
+            self.store.withdraw(job)
 
 
 def hold_loop(publisher: Publisher) -> threading.Event:
@@ -381,6 +381,81 @@ def test_a_request_that_gave_up_while_its_record_was_written_is_never_published(
     assert recorder.discarded == ["job-slow"]
     assert redis_client.exists("job:job-slow") == 0
     assert queue_depth(amqp, topology.QUEUE) == 1  # only the later, unrecorded message
+
+
+def test_a_late_withdrawal_leaves_a_key_a_retry_took_over_and_its_record(recording_publisher, rabbit, redis_node,
+                                                                         redis_client, amqp):
+    """Another main-app process takes the key over once it is stale, publishes the job again and
+    answers 202 (its key confirmed) before this loop gets its slow answer: the loop's withdrawal
+    must then leave the key and the record alone."""
+    publisher, recorder = recording_publisher
+    store = JobStore.from_url(redis_node.url)
+    recorder.answer.clear()
+    outcome: dict = {}
+    job = NewJob("job-a", "c", "echo", "t", ("K", "h"), 1, time.time() + 1)
+
+    def request() -> None:
+        properties = pika.BasicProperties(delivery_mode=2, message_id="job-a")
+        try:
+            outcome["a"] = publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties,
+                                             timeout=0.3, record=job)
+        except (BrokerUnavailable, RecordTimeout) as exc:
+            outcome["a"] = exc
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    assert recorder.written.wait(10)
+    thread.join(10)
+    assert isinstance(outcome["a"], RecordTimeout)
+    time.sleep(1.2)  # the key is stale: the other process's retry claims it
+    existing = store.create_many([NewJob("job-b", "c", "echo", "t2", ("K", "h"), 1)])[0]
+    assert existing.job_id == "job-a" and existing.stale()
+    assert store.claim_stale("c", "K", existing, "echo", "t", 1) == "t"
+    other = Publisher(rabbit.url).start()
+    try:
+        assert other.wait_ready(15)
+        properties = pika.BasicProperties(delivery_mode=2, message_id="job-a")
+        assert other.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties, timeout=3) is None
+    finally:
+        other.stop()
+    assert store.confirm_idempotency("c", "K", "job-a", "h")  # its 202
+    recorder.answer.set()
+    wait_until(lambda: recorder.discarded == ["job-a"], 10, "the loop did not withdraw the job")
+    publish(publisher)  # the loop's pass is over
+    assert store.get("job-a")["status"] == "queued"
+    assert IdempotencyRecord.decode(redis_client.get(store.idempotency_key("c", "K"))).confirmed
+    assert queue_depth(amqp, topology.QUEUE) == 2  # the republished job, and the later message
+
+
+def test_a_message_without_a_record_is_not_withdrawn_while_others_are_recorded(recording_publisher):
+    """A republish (no record of its own) waiting behind a slow batch of records is not answered
+    as a record timeout: it is published once the batch's records are written."""
+    publisher, recorder = recording_publisher
+    release = hold_loop(publisher)
+    recorder.answer.clear()
+    outcomes: dict = {}
+    recorded = publish_recorded(publisher, "job-x", outcomes, timeout=0.3)
+    wait_until(lambda: len(publisher._outbox) == 1, 10, "no hand-over")
+
+    def republish() -> None:
+        properties = pika.BasicProperties(delivery_mode=2, message_id="job-old")
+        try:
+            outcomes["job-old"] = publisher.publish(topology.EXCHANGE, topology.ROUTING_KEY, b"{}", properties,
+                                                    timeout=0.3)
+        except (BrokerUnavailable, RecordTimeout) as exc:
+            outcomes["job-old"] = exc
+
+    plain = threading.Thread(target=republish)
+    plain.start()
+    wait_until(lambda: len(publisher._outbox) == 2, 10, "no hand-over")
+    release.set()
+    assert recorder.written.wait(10)
+    plain.join(10)
+    recorded.join(10)
+    recorder.answer.set()
+    assert isinstance(outcomes["job-x"], RecordTimeout)
+    refused = outcomes["job-old"]  # written after its wait, or not: either way not a record timeout
+    assert isinstance(refused, BrokerUnavailable) and refused.maybe_published
 
 
 def test_a_batch_of_messages_leaves_in_one_socket_write(recording_publisher, amqp, monkeypatch):
