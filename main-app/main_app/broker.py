@@ -80,8 +80,9 @@ class Recorder(Protocol):
         unpublished). Raising fails the whole batch, unpublished."""
 
     def discard(self, records: list[Any]) -> None:
-        """Remove records `record` wrote whose messages will never be published (their requests
-        gave up waiting while they were written)."""
+        """Undo `record` for messages that will never be published (their requests gave up
+        waiting while they were written), whatever `record` answered for them: a record that
+        was not written, or that another request has taken over since, must stay as it is."""
 
 
 class Publisher:
@@ -297,34 +298,28 @@ class Publisher:
         # if it gave up first, and its record removed if it gave up while that was being written.
         batch = [item for item in self._outbox.take() if item.future.set_running_or_notify_cancel()]
         to_record = [item for item in batch if item.record is not None]
-        written = {id(item) for item in self._record(to_record)} if to_record else set()
-        given_up = []  # records written for requests that gave up meanwhile (answered 503)
+        if to_record:
+            self._record(to_record)
+        given_up = []  # records of requests that withdrew while they were written (answered 503)
         with sent_at_once(self._connection):
             for item in batch:
-                if item.record is not None and id(item) not in written:
-                    continue  # answered by its record
-                if item.future.commit():
+                if item.future.commit():  # not answered by its record, nor withdrawn
                     self._publish_on_loop(item)
-                elif item.record is not None:
+                elif item.future.cancelled():
                     given_up.append(item.record)
         if given_up:
             self._discard(given_up)
 
-    def _record(self, items: list[_Outgoing]) -> list[_Outgoing]:
-        """Write the items' records; answer those that are not to be published; return the rest."""
+    def _record(self, items: list[_Outgoing]) -> None:
         try:
             answers = self._recorder.record([item.record for item in items])
         except Exception as exc:  # noqa: BLE001 - the store's failure is each request's answer
             answers = [exc] * len(items)
-        written = []
         for item, answer in zip(items, answers, strict=True):
             if isinstance(answer, BaseException):
                 item.future.set_exception(answer)
             elif answer is not None:
                 item.future.set_result(answer)
-            else:
-                written.append(item)
-        return written
 
     def _discard(self, records: list[Any]) -> None:
         try:
