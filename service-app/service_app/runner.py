@@ -114,7 +114,10 @@ class JobRunner:
         try:
             result = call_with_time_limit(HANDLERS[job.type], job.payload, ctx, self.settings.job_timeout_seconds)
             return orjson.dumps(result), None  # a result that cannot be stored fails the attempt, like any error
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException too: a job calling sys.exit() fails its attempt. Let through, its
+            # SystemExit would end the job thread's task and hold the message until the
+            # connection closed. (Signals reach only the main thread, never a job's.)
             return None, f"{type(exc).__name__}: {exc}"[:2000]
         finally:
             self._running_delta(-1)

@@ -328,6 +328,28 @@ def test_a_result_that_is_not_json_fails_the_attempt(rabbit, redis_node, store, 
     assert record["status"] == "failed" and "not JSON serializable" in record["error"]
 
 
+def test_a_job_that_exits_fails_its_attempt_and_its_message_is_settled(rabbit, redis_node, store, monkeypatch):
+    """sys.exit() in a handler raises SystemExit, a BaseException: it is the job's failure, not the
+    end of the job thread with its message held until the connection closes."""
+    from service_app import jobs
+    from service_app.config import Settings
+    from service_app.worker import Worker
+
+    def exits(payload, ctx):
+        raise SystemExit(3)
+
+    monkeypatch.setenv("MAX_ATTEMPTS", "2")
+    monkeypatch.setitem(jobs.HANDLERS, "echo", exits)
+    worker = Worker(Settings.from_env(), store)
+    job = new_job(store, "echo", {})
+    assert worker.runner.perform(job).action == "retry"
+    assert store.get(job.id)["status"] == "retrying"
+    settle = worker.runner.perform(job.next_attempt())
+    assert settle.action == "dead"
+    record = store.get(job.id)
+    assert record["status"] == "failed" and record["error"] == "SystemExit: 3"
+
+
 def test_an_outcome_for_a_vanished_record_rebuilds_it(store, redis_client):
     job = new_job(store, "echo", {})
     redis_client.delete(store.job_key(job.id))  # e.g. a Redis failover between begin and finish
