@@ -1201,7 +1201,9 @@ def machine() -> dict[str, Any]:
 def kernel_settings(root: Path = Path("/")) -> dict[str, Any]:
     """The kernel settings that moved this bench's tail in measurements (docs/performance.md, "Two
     findings"), so that runs are compared only with runs made under the same: the scheduler's
-    autogroup (each session its own equal-weight group) and the clock source. None when unreadable."""
+    autogroup (each session its own equal-weight group), the clock source, and how an idle vCPU
+    waits (the cpuidle driver, and for `haltpoll` how long it polls before halting; a VM's boot
+    line can set either). None when unreadable."""
 
     def read(path: str) -> str | None:
         try:
@@ -1210,13 +1212,19 @@ def kernel_settings(root: Path = Path("/")) -> dict[str, Any]:
             return None
 
     autogroup = read("proc/sys/kernel/sched_autogroup_enabled")
+    halt_poll_ns = read("sys/module/haltpoll/parameters/guest_halt_poll_ns")
     return {"sched_autogroup": None if autogroup is None else autogroup != "0",
-            "clocksource": read("sys/devices/system/clocksource/clocksource0/current_clocksource")}
+            "clocksource": read("sys/devices/system/clocksource/clocksource0/current_clocksource"),
+            "cpuidle_driver": read("sys/devices/system/cpu/cpuidle/current_driver"),
+            "guest_halt_poll_ns": None if halt_poll_ns is None else int(halt_poll_ns)}
 
 
 def describe_kernel_settings(machine: dict[str, Any]) -> str:
     autogroup = {True: "on", False: "off"}.get(machine.get("sched_autogroup"), "unknown")
-    return f"scheduler autogroup {autogroup}, clock source {machine.get('clocksource') or 'unknown'}"
+    idle = machine.get("cpuidle_driver") or "unknown"
+    if idle == "haltpoll" and machine.get("guest_halt_poll_ns") is not None:
+        idle += f" (polls up to {machine['guest_halt_poll_ns'] / 1000:g} µs)"
+    return f"scheduler autogroup {autogroup}, clock source {machine.get('clocksource') or 'unknown'}, cpuidle {idle}"
 
 
 def fmt(s: dict[str, Any], digits: int = 0) -> str:

@@ -271,23 +271,42 @@ def test_open_loop_fails_loudly_when_the_server_drops_a_request():
         _open_loop_against(handle, rate=50, seconds=0.2, connections=2)
 
 
-def test_kernel_settings_record_autogroup_and_clock_source(tmp_path):
+def test_kernel_settings_record_autogroup_clock_source_and_idle_driver(tmp_path):
     (tmp_path / "proc/sys/kernel").mkdir(parents=True)
     (tmp_path / "sys/devices/system/clocksource/clocksource0").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/cpu/cpuidle").mkdir(parents=True)
     (tmp_path / "proc/sys/kernel/sched_autogroup_enabled").write_text("0\n")
     (tmp_path / "sys/devices/system/clocksource/clocksource0/current_clocksource").write_text("kvm-clock\n")
+    (tmp_path / "sys/devices/system/cpu/cpuidle/current_driver").write_text("none\n")
     settings = bench.kernel_settings(tmp_path)
-    assert settings == {"sched_autogroup": False, "clocksource": "kvm-clock"}
-    assert bench.describe_kernel_settings(settings) == "scheduler autogroup off, clock source kvm-clock"
+    assert settings == {"sched_autogroup": False, "clocksource": "kvm-clock", "cpuidle_driver": "none",
+                        "guest_halt_poll_ns": None}
+    assert bench.describe_kernel_settings(settings) == (
+        "scheduler autogroup off, clock source kvm-clock, cpuidle none")
     (tmp_path / "proc/sys/kernel/sched_autogroup_enabled").write_text("1\n")
     assert bench.kernel_settings(tmp_path)["sched_autogroup"] is True
 
 
+def test_kernel_settings_record_how_long_haltpoll_polls(tmp_path):
+    (tmp_path / "sys/devices/system/cpu/cpuidle").mkdir(parents=True)
+    (tmp_path / "sys/module/haltpoll/parameters").mkdir(parents=True)
+    (tmp_path / "sys/devices/system/cpu/cpuidle/current_driver").write_text("haltpoll\n")
+    (tmp_path / "sys/module/haltpoll/parameters/guest_halt_poll_ns").write_text("0\n")
+    settings = bench.kernel_settings(tmp_path)
+    assert (settings["cpuidle_driver"], settings["guest_halt_poll_ns"]) == ("haltpoll", 0)
+    assert bench.describe_kernel_settings(settings).endswith("cpuidle haltpoll (polls up to 0 µs)")
+    (tmp_path / "sys/module/haltpoll/parameters/guest_halt_poll_ns").write_text("200000\n")
+    settings = bench.kernel_settings(tmp_path)
+    assert bench.describe_kernel_settings(settings).endswith("cpuidle haltpoll (polls up to 200 µs)")
+
+
 def test_kernel_settings_are_unknown_where_the_kernel_does_not_have_them(tmp_path):
     settings = bench.kernel_settings(tmp_path)
-    assert settings == {"sched_autogroup": None, "clocksource": None}
-    assert bench.describe_kernel_settings(settings) == "scheduler autogroup unknown, clock source unknown"
-    assert bench.describe_kernel_settings({}) == "scheduler autogroup unknown, clock source unknown"
+    assert settings == {"sched_autogroup": None, "clocksource": None, "cpuidle_driver": None,
+                        "guest_halt_poll_ns": None}
+    unknown = "scheduler autogroup unknown, clock source unknown, cpuidle unknown"
+    assert bench.describe_kernel_settings(settings) == unknown
+    assert bench.describe_kernel_settings({}) == unknown
 
 
 def test_machine_busy_counts_idle_and_iowait_as_not_busy():
