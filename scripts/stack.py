@@ -284,6 +284,9 @@ class RabbitNode:
     # A definitions document (users, permissions, topology) loaded at every boot.
     definitions: dict | None = None
     log_level: str = "warning"
+    # Whether starting this node also started Erlang's port mapper (epmd), which outlives the
+    # nodes that started it: stop() and kill() then end it, once no node is registered with it.
+    _owns_epmd: bool = field(default=False, init=False, repr=False)
 
     @property
     def nodename(self) -> str:
@@ -347,6 +350,7 @@ class RabbitNode:
     def start(self, timeout: float = 60.0) -> RabbitNode:
         ensure_erlang_cookie()
         self.write_config()
+        self._owns_epmd = not self._epmd("-names")
         subprocess.run([str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"], env=self.env(), check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.wait_started(timeout)
@@ -375,7 +379,7 @@ class RabbitNode:
             return None
 
     def kill(self) -> None:
-        """kill -9 the node, as a crashed pod would die."""
+        """kill -9 the node, as a crashed pod would die (and end the epmd its start brought up)."""
         pid = self.os_pid()
         if pid:
             try:
@@ -384,6 +388,13 @@ class RabbitNode:
                 pass
             _wait_gone(pid, 10)
         self.pid_file.unlink(missing_ok=True)
+        if self._owns_epmd:
+            # epmd itself refuses while any node (another stack's, the machine's) is registered; it
+            # may also take a moment to see that this one's connection closed.
+            deadline = time.monotonic() + 1.0
+            while not self._epmd("-kill") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self._owns_epmd = False
 
     def stop(self) -> None:
         pid = self.os_pid()
@@ -394,6 +405,14 @@ class RabbitNode:
         except Exception:
             pass
         self.kill()
+
+    def _epmd(self, *args: str) -> bool:
+        """`epmd ARGS` with this node's environment (its epmd address and port): True if it succeeded."""
+        epmd = shutil.which("epmd")
+        if epmd is None:
+            return False
+        return subprocess.run([epmd, *args], env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=10).returncode == 0
 
     def queue_counts(self, queue: str) -> tuple[int, int]:
         """(ready, unacked) messages in a queue."""
